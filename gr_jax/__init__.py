@@ -1,0 +1,1 @@
+"""gr_jax: Gradient Reweighting for imbalanced class-incremental learning in JAX."""
