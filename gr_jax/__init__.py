@@ -1,1 +1,17 @@
-"""gr_jax: Gradient Reweighting for imbalanced class-incremental learning in JAX."""
+"""gr_jax: Gradient Reweighting for imbalanced class-incremental learning in JAX.
+
+The reweighting transform and the losses are pure and import nothing else from gr_jax, so they can
+be used in any JAX training loop; the rest of the package is the class-incremental trainer.
+"""
+
+from gr_jax.losses import distribution_aware_kd
+from gr_jax.losses import knowledge_distillation
+from gr_jax.losses import log_prior
+from gr_jax.losses import lost_count_entropy
+from gr_jax.losses import prior_adjusted_cross_entropy
+from gr_jax.phase_constants import phase_constants
+from gr_jax.phase_constants import PhaseConstants
+from gr_jax.reweight import gradient_reweighting
+from gr_jax.reweight import GradientReweightingState
+
+__version__ = "0.1.0"

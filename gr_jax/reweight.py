@@ -1,0 +1,179 @@
+"""Per-class gradient reweighting of a linear classifier (GR and decoupled DGR) as an optax transform.
+
+He & Zhu, "Gradient Reweighting: Towards Imbalanced Class-Incremental Learning", CVPR 2024
+(arXiv 2402.18528), §3.2–3.3; the exact rules gr_jax follows are in ``docs/method.md`` §4.
+
+The transform rescales, class by class, the gradient rows of a classifier (the columns of a Flax
+``Dense`` kernel ``[D, C]`` -- the class axis is the last axis -- and the entries of its bias) so that
+classes that have accumulated large gradients slow down and rarely-updated classes keep their pace.
+Every leaf that is not a classifier leaf passes through bit-identical, so the transform can sit at
+the head of any ``optax.chain``. This module imports nothing from gr_jax and can be copied alone.
+"""
+
+from typing import Any, Callable, NamedTuple, Optional, Union
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+
+ClassifierSelector = Union[None, Any, Callable[[optax.Params], Any]]
+
+
+class GradientReweightingState(NamedTuple):
+  """State of :func:`gradient_reweighting`; re-``init`` it at the start of every phase.
+
+  Attributes:
+    cumulative_norms: Φ, float32 ``[C]``: the sum over this phase's steps of each class's CE
+      gradient-row norm ``g_c``. Classes that were never seen stay at 0.
+    class_scale: the last step's per-class factor ``s_c`` applied to the CE gradient rows (α for
+      intra-phase GR, α·r for DGR; 0 for unseen classes). Kept for logging and tests.
+    kd_scale: the last step's β, the factor of the KD gradient rows of old classes (0 without KD).
+  """
+  cumulative_norms: jax.Array
+  class_scale: jax.Array
+  kd_scale: jax.Array
+
+
+def _selection_mask(classifier: ClassifierSelector, tree: Any) -> Any:
+  if classifier is None:
+    return jax.tree.map(lambda _: True, tree)
+  if callable(classifier):
+    return classifier(tree)
+  return classifier
+
+
+def _classifier_leaves(classifier: ClassifierSelector, tree: Any):
+  """Returns (leaves, treedef, indices of the selected leaves), validating their shapes."""
+  leaves, treedef = jax.tree.flatten(tree)
+  selected = treedef.flatten_up_to(_selection_mask(classifier, tree))
+  index = [i for i, keep in enumerate(selected) if bool(keep)]
+  if not any(jnp.ndim(leaves[i]) >= 2 for i in index):
+    raise ValueError(
+        "gradient_reweighting found no classifier weight leaf (a selected leaf with ndim >= 2, "
+        "class axis last). Pass `classifier=` a mask or a function of the params that selects the "
+        "classifier's kernel and bias, e.g. `lambda p: {'backbone': ..., 'classifier': True}`.")
+  sizes = {jnp.shape(leaves[i])[-1] for i in index}
+  if len(sizes) != 1:
+    raise ValueError(
+        f"selected classifier leaves disagree on the number of classes (last axis sizes {sizes}); "
+        "select only the classifier's kernel and bias.")
+  return leaves, treedef, index
+
+
+def _row_norms(weight_leaves) -> jax.Array:
+  """‖G_c‖₂ over the weight rows only (all axes but the last), accumulated in float32."""
+  sq = sum(
+      jnp.sum(jnp.square(w.astype(jnp.float32)), axis=tuple(range(w.ndim - 1)))
+      for w in weight_leaves)
+  return jnp.sqrt(sq)
+
+
+def _group_alpha(phi: jax.Array, group: jax.Array) -> jax.Array:
+  """α_c = min_{j in group} Φ_j / Φ_c for c in the group, 0 outside it."""
+  group_min = jnp.min(jnp.where(group, phi, jnp.inf))
+  alpha = jnp.where(phi > 0, group_min / jnp.where(phi > 0, phi, 1.0), 1.0)
+  return jnp.where(group, alpha, 0.0)
+
+
+def _group_mean(x: jax.Array, group: jax.Array) -> jax.Array:
+  return jnp.sum(jnp.where(group, x, 0.0)) / jnp.maximum(jnp.sum(group), 1)
+
+
+def gradient_reweighting(
+    classifier: ClassifierSelector = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Per-class gradient reweighting of a linear classifier: GR (phase 0) and DGR (phases ≥ 1).
+
+  Let :math:`G_c` be the gradient of the cross-entropy loss w.r.t. the weight row of class
+  :math:`c` (a column of a Flax ``Dense`` kernel) and :math:`g_c = \|G_c\|_2`. The state keeps the
+  phase's cumulative norms :math:`\Phi_c \leftarrow \Phi_c + g_c` (seen classes, this step included).
+
+  **Intra-phase GR** (no old classes; the default, usable with no extra arguments)::
+
+    α_c = min_j Φ_j / Φ_c,     ∂W_c ← α_c ∂W_c,   ∂b_c ← α_c ∂b_c.
+
+  **Decoupled GR** (``old_classes`` given): α is computed inside each group (old, new), and the
+  groups are balanced against each other with the attenuation γ::
+
+    q = mean_new Φ / mean_old Φ,   r_old = min(1, q),   r_new = min(1, γ q),
+    s_c = α_c r_old (old c),  α_c r_new (new c),
+    β = ‖(s_c g_c)_{c seen}‖₂ / ‖(h_c)_{c old}‖₂,   h_c = ‖∂L_KD/∂W_c‖₂,
+    ∂W_c ← s_c G^CE_c + β G^KD_c (old c),   s_c G^CE_c (new c),   0 (unseen c).
+
+  Biases get the same factors as their class rows. α ∈ (0, 1] and α = 1 for the least-updated class
+  of each group; unseen classes (neither old nor new) get a zero update.
+
+  Args:
+    classifier: which leaves are the classifier: ``None`` (every leaf; use inside ``optax.masked``),
+      a pytree of bools shaped like the params, or a function of the params returning one. Selected
+      leaves carry the class axis last; those with ``ndim >= 2`` are weights (their rows give
+      ``g_c``), 1-d ones are biases (scaled only). All other leaves pass through untouched.
+
+  The returned transform's ``update(updates, state, params=None, *, new_classes=None,
+  old_classes=None, kd_updates=None, gamma=1.0)`` takes as extra arguments:
+
+    * ``new_classes``, ``old_classes``: bool ``[C]`` masks. Without them every class is new (plain
+      intra-phase GR); with ``old_classes`` the update is DGR.
+    * ``kd_updates``: the KD gradient, a pytree shaped like ``updates`` (only its classifier leaves
+      are read). For classifier leaves ``updates`` must then hold the CE gradient alone; for every
+      other leaf ``updates`` holds the gradient of the total loss, which passes through.
+    * ``gamma``: γ = exp(−N_seen / (N_seen + N_new)) of the phase.
+
+  Gradients may be bf16: norms and factors are computed in float32 and the outputs keep the input
+  dtype. With data parallelism, pass the gradient of the *global* batch (reduce before this).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose state is :class:`GradientReweightingState`.
+  """
+
+  def init_fn(params):
+    leaves, _, index = _classifier_leaves(classifier, params)
+    num_classes = jnp.shape(leaves[index[0]])[-1]
+    return GradientReweightingState(
+        cumulative_norms=jnp.zeros((num_classes,), jnp.float32),
+        class_scale=jnp.ones((num_classes,), jnp.float32),
+        kd_scale=jnp.zeros((), jnp.float32))
+
+  def update_fn(updates, state, params=None, *, new_classes=None, old_classes=None,
+                kd_updates=None, gamma=1.0, **extra_args):
+    del params, extra_args
+    leaves, treedef, index = _classifier_leaves(classifier, updates)
+    num_classes = state.cumulative_norms.shape[0]
+    chex.assert_shape([leaves[i] for i in index], (..., num_classes))
+
+    no_old = jnp.zeros((num_classes,), bool)
+    old = no_old if old_classes is None else jnp.asarray(old_classes, bool)
+    new = (~old) if new_classes is None else jnp.asarray(new_classes, bool) & ~old
+    seen = old | new
+
+    g = _row_norms([leaves[i] for i in index if leaves[i].ndim >= 2])
+    phi = state.cumulative_norms + jnp.where(seen, g, 0.0)
+    alpha = _group_alpha(phi, old) + _group_alpha(phi, new)
+
+    has_old = jnp.any(old)
+    q = _group_mean(phi, new) / jnp.where(has_old, _group_mean(phi, old), 1.0)
+    r_old = jnp.minimum(1.0, q)
+    r_new = jnp.where(has_old, jnp.minimum(1.0, jnp.asarray(gamma, jnp.float32) * q), 1.0)
+    scale = alpha * jnp.where(old, r_old, r_new)
+
+    if kd_updates is None:
+      beta = jnp.zeros((), jnp.float32)
+      kd_leaves = None
+    else:
+      kd_leaves = treedef.flatten_up_to(kd_updates)
+      h = _row_norms([kd_leaves[i] for i in index if kd_leaves[i].ndim >= 2])
+      kd_norm = jnp.sqrt(jnp.sum(jnp.where(old, h * h, 0.0)))
+      ce_norm = jnp.sqrt(jnp.sum(jnp.square(scale * g)))
+      beta = jnp.where(kd_norm > 0, ce_norm / jnp.where(kd_norm > 0, kd_norm, 1.0), 0.0)
+
+    out = list(leaves)
+    for i in index:
+      new_leaf = leaves[i].astype(jnp.float32) * scale
+      if kd_leaves is not None:
+        new_leaf = new_leaf + jnp.where(old, beta, 0.0) * kd_leaves[i].astype(jnp.float32)
+      out[i] = new_leaf.astype(leaves[i].dtype)
+    new_state = GradientReweightingState(cumulative_norms=phi, class_scale=scale, kd_scale=beta)
+    return jax.tree.unflatten(treedef, out), new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

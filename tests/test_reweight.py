@@ -1,0 +1,253 @@
+"""The GR/DGR optax transform against a NumPy oracle written from docs/method.md §4."""
+
+import functools
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import gr_jax
+
+
+def oracle_step(phi, w_ce, b_ce, old, new, gamma=1.0, w_kd=None, b_kd=None):
+  """One GR/DGR step of method.md §4 in float64 NumPy. Returns (w, b, phi, s, beta)."""
+  seen = old | new
+  g = np.sqrt((w_ce.astype(np.float64) ** 2).sum(0))
+  phi = phi + np.where(seen, g, 0.0)
+  alpha = np.zeros_like(phi)
+  for group in (old, new):
+    if group.any():
+      alpha[group] = phi[group].min() / phi[group]
+  if old.any():
+    q = phi[new].mean() / phi[old].mean()
+    r_old, r_new = min(1.0, q), min(1.0, gamma * q)
+  else:
+    r_old = r_new = 1.0
+  s = np.where(old, alpha * r_old, np.where(new, alpha * r_new, 0.0))
+  w = w_ce * s
+  b = b_ce * s
+  beta = 0.0
+  if w_kd is not None:
+    h = np.sqrt((w_kd.astype(np.float64) ** 2).sum(0))
+    beta = np.linalg.norm((s * g)[seen]) / np.linalg.norm(h[old])
+    w = w + np.where(old, beta, 0.0) * w_kd
+    b = b + np.where(old, beta, 0.0) * b_kd
+  return w, b, phi, s, beta
+
+
+def random_grads(seed, dim=6, num_classes=7, scale=None):
+  rng = np.random.default_rng(seed)
+  scale = np.ones(num_classes) if scale is None else scale
+  return (rng.normal(size=(dim, num_classes)) * scale).astype(np.float32), (
+      rng.normal(size=(num_classes,)) * scale).astype(np.float32)
+
+
+def params_like(w, b):
+  return {"backbone": {"kernel": jnp.ones((3, 4)), "bias": jnp.zeros((4,))},
+          "classifier": {"kernel": jnp.zeros_like(w), "bias": jnp.zeros_like(b)}}
+
+
+def select_classifier(tree):
+  return {"backbone": jax.tree.map(lambda _: False, tree["backbone"]),
+          "classifier": jax.tree.map(lambda _: True, tree["classifier"])}
+
+
+class ReweightTest(chex.TestCase, parameterized.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_intra_phase_gr_matches_oracle_over_steps(self):
+    tx = gr_jax.gradient_reweighting(select_classifier)
+    w0, b0 = random_grads(0)
+    state = tx.init(params_like(w0, b0))
+    update = self.variant(tx.update)
+    phi = np.zeros(7)
+    everyone = np.ones(7, bool)
+    for step in range(4):
+      w, b = random_grads(step, scale=np.linspace(0.2, 3.0, 7))
+      grads = {"backbone": {"kernel": jnp.full((3, 4), 2.0), "bias": jnp.ones((4,))},
+               "classifier": {"kernel": w, "bias": b}}
+      out, state = update(grads, state)
+      ew, eb, phi, es, _ = oracle_step(phi, w, b, ~everyone, everyone)
+      chex.assert_trees_all_close(out["classifier"]["kernel"], ew, rtol=1e-5, atol=1e-6)
+      chex.assert_trees_all_close(out["classifier"]["bias"], eb, rtol=1e-5, atol=1e-6)
+      chex.assert_trees_all_close(state.cumulative_norms, phi, rtol=1e-5)
+      chex.assert_trees_all_close(state.class_scale, es, rtol=1e-5)
+      # Non-classifier leaves pass through bit-identical.
+      np.testing.assert_array_equal(out["backbone"]["kernel"], grads["backbone"]["kernel"])
+      np.testing.assert_array_equal(out["backbone"]["bias"], grads["backbone"]["bias"])
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_dgr_matches_oracle_with_unseen_classes(self):
+    tx = gr_jax.gradient_reweighting(select_classifier)
+    w0, b0 = random_grads(0, num_classes=9)
+    state = tx.init(params_like(w0, b0))
+    old = np.array([1, 1, 1, 1, 0, 0, 0, 0, 0], bool)
+    new = np.array([0, 0, 0, 0, 1, 1, 1, 0, 0], bool)
+    gamma = float(np.exp(-0.8))
+    update = self.variant(functools.partial(tx.update, gamma=gamma))
+    phi = np.zeros(9)
+    for step in range(3):
+      w, b = random_grads(10 + step, num_classes=9, scale=np.linspace(0.1, 2.0, 9))
+      wk, bk = random_grads(20 + step, num_classes=9)
+      grads = {"backbone": {"kernel": jnp.ones((3, 4)), "bias": jnp.ones((4,))},
+               "classifier": {"kernel": w, "bias": b}}
+      kd = {"backbone": jax.tree.map(jnp.zeros_like, grads["backbone"]),
+            "classifier": {"kernel": wk, "bias": bk}}
+      out, state = update(grads, state, old_classes=old, new_classes=new, kd_updates=kd)
+      ew, eb, phi, es, ebeta = oracle_step(phi, w, b, old, new, gamma, wk, bk)
+      chex.assert_trees_all_close(out["classifier"]["kernel"], ew, rtol=1e-5, atol=1e-6)
+      chex.assert_trees_all_close(out["classifier"]["bias"], eb, rtol=1e-5, atol=1e-6)
+      chex.assert_trees_all_close(state.class_scale, es, rtol=1e-5)
+      chex.assert_trees_all_close(state.kd_scale, ebeta, rtol=1e-5)
+      # Unseen classes get a zero update and keep Φ = 0.
+      np.testing.assert_array_equal(np.asarray(out["classifier"]["kernel"])[:, 7:], 0.0)
+      np.testing.assert_array_equal(np.asarray(state.cumulative_norms)[7:], 0.0)
+
+  def test_alpha_properties(self):
+    tx = gr_jax.gradient_reweighting()
+    w, b = random_grads(3, num_classes=11, scale=np.geomspace(0.01, 10.0, 11))
+    state = tx.init({"kernel": w, "bias": b})
+    _, state = tx.update({"kernel": w, "bias": b}, state)
+    alpha = np.asarray(state.class_scale)
+    self.assertTrue(np.all(alpha > 0) and np.all(alpha <= 1.0))
+    least = np.argmin(np.asarray(state.cumulative_norms))
+    self.assertEqual(alpha[least], 1.0)
+    self.assertLess(alpha.min(), 0.05)  # the head class is slowed down strongly
+
+  def test_balanced_gradients_give_uniform_scales(self):
+    tx = gr_jax.gradient_reweighting()
+    w = np.tile(np.array([[1.0], [2.0], [-2.0]], np.float32), (1, 5))
+    b = np.ones(5, np.float32)
+    state = tx.init({"kernel": w, "bias": b})
+    out, state = tx.update({"kernel": w, "bias": b}, state)
+    np.testing.assert_allclose(state.class_scale, np.ones(5))
+    np.testing.assert_allclose(out["kernel"], w)
+
+  def test_permuting_classes_permutes_result(self):
+    tx = gr_jax.gradient_reweighting()
+    w, b = random_grads(5, num_classes=8, scale=np.linspace(0.5, 4, 8))
+    wk, bk = random_grads(6, num_classes=8)
+    old = np.array([1, 1, 1, 0, 0, 0, 1, 0], bool)
+    perm = np.random.default_rng(0).permutation(8)
+
+    def run(w, b, wk, bk, old):
+      state = tx.init({"kernel": w, "bias": b})
+      out, state = tx.update({"kernel": w, "bias": b}, state, old_classes=old,
+                             kd_updates={"kernel": wk, "bias": bk}, gamma=0.6)
+      return out, state
+
+    out, state = run(w, b, wk, bk, old)
+    out_p, state_p = run(w[:, perm], b[perm], wk[:, perm], bk[perm], old[perm])
+    chex.assert_trees_all_close(out_p["kernel"], np.asarray(out["kernel"])[:, perm], rtol=1e-6)
+    chex.assert_trees_all_close(out_p["bias"], np.asarray(out["bias"])[perm], rtol=1e-6)
+    chex.assert_trees_all_close(state_p.class_scale, np.asarray(state.class_scale)[perm])
+
+  def test_bf16_gradients_accumulate_float32_norms(self):
+    tx = gr_jax.gradient_reweighting()
+    w, b = random_grads(7, num_classes=5, scale=np.linspace(1, 5, 5))
+    grads = {"kernel": jnp.asarray(w, jnp.bfloat16), "bias": jnp.asarray(b, jnp.bfloat16)}
+    state = tx.init(grads)
+    out, state = jax.jit(tx.update)(grads, state)
+    self.assertEqual(out["kernel"].dtype, jnp.bfloat16)
+    self.assertEqual(state.cumulative_norms.dtype, jnp.float32)
+    expected = np.sqrt((np.asarray(grads["kernel"], np.float64) ** 2).sum(0))
+    np.testing.assert_allclose(state.cumulative_norms, expected, rtol=1e-5)
+
+  def test_composes_with_masked_chain_and_inject_hyperparams(self):
+    w, b = random_grads(8, num_classes=6, scale=np.linspace(0.3, 3, 6))
+    params = params_like(w, b)
+    grads = {"backbone": {"kernel": jnp.full((3, 4), 0.5), "bias": jnp.ones((4,))},
+             "classifier": {"kernel": w, "bias": b}}
+    mask = select_classifier(params)
+    by_selector = optax.chain(gr_jax.gradient_reweighting(select_classifier),
+                              optax.add_decayed_weights(5e-4), optax.sgd(0.1, momentum=0.9))
+    by_masked = optax.chain(optax.masked(gr_jax.gradient_reweighting(), mask),
+                            optax.add_decayed_weights(5e-4), optax.sgd(0.1, momentum=0.9))
+    injected = optax.inject_hyperparams(
+        lambda learning_rate: optax.chain(gr_jax.gradient_reweighting(select_classifier),
+                                          optax.add_decayed_weights(5e-4),
+                                          optax.sgd(learning_rate, momentum=0.9)))(0.1)
+    results = []
+    for tx in (by_selector, by_masked, injected):
+      state = tx.init(params)
+      out, state = jax.jit(tx.update)(grads, state, params)
+      out, state = jax.jit(tx.update)(grads, state, params)
+      results.append(out)
+    chex.assert_trees_all_close(results[0], results[1], rtol=1e-6)
+    chex.assert_trees_all_close(results[0], results[2], rtol=1e-6)
+    # Backbone: plain SGD with weight decay and momentum on the unmodified gradient (2 steps).
+    g = 0.5 + 5e-4 * 1.0
+    np.testing.assert_allclose(results[0]["backbone"]["kernel"], -0.1 * (g + 0.9 * g), rtol=1e-6)
+
+  def test_dgr_kd_updates_through_masked(self):
+    w, b = random_grads(9, num_classes=6)
+    wk, bk = random_grads(10, num_classes=6)
+    params = params_like(w, b)
+    grads = {"backbone": {"kernel": jnp.ones((3, 4)), "bias": jnp.ones((4,))},
+             "classifier": {"kernel": w, "bias": b}}
+    kd = {"backbone": jax.tree.map(jnp.zeros_like, grads["backbone"]),
+          "classifier": {"kernel": wk, "bias": bk}}
+    old = np.array([1, 1, 0, 0, 0, 0], bool)
+    direct = gr_jax.gradient_reweighting(select_classifier)
+    masked = optax.masked(gr_jax.gradient_reweighting(), select_classifier(params),
+                          mask_compatible_extra_args=True)
+    outs = []
+    for tx in (direct, masked):
+      out, _ = tx.update(grads, tx.init(params), old_classes=old, kd_updates=kd, gamma=0.5)
+      outs.append(out)
+    chex.assert_trees_all_close(outs[0], outs[1], rtol=1e-6)
+
+  def test_no_classifier_selected_is_a_clear_error(self):
+    tx = gr_jax.gradient_reweighting(lambda p: jax.tree.map(lambda _: False, p))
+    with self.assertRaisesRegex(ValueError, "no classifier weight leaf"):
+      tx.init({"kernel": jnp.ones((2, 3))})
+
+
+class BalancingTest(parameterized.TestCase):
+
+  @parameterized.parameters(0, 1)
+  def test_gr_balances_classifier_norms_on_imbalanced_problem(self, seed):
+    """Softmax regression on a 100:1 imbalanced problem with equally hard classes.
+
+    Plain SGD grows the head classes' weight rows faster; GR keeps the per-class row norms close:
+    their coefficient of variation drops to well below that of SGD.
+    """
+    rng = np.random.default_rng(seed)
+    counts = np.array([1000, 300, 100, 30, 10])
+    num_classes, dim = len(counts), 16
+    means = 2.0 * np.eye(num_classes, dim)
+    x = np.concatenate([means[c] + rng.normal(size=(n, dim)) for c, n in enumerate(counts)])
+    y = np.concatenate([np.full(n, c) for c, n in enumerate(counts)])
+    x, y = jnp.asarray(x, jnp.float32), jnp.asarray(y)
+    params = {"kernel": jnp.zeros((dim, num_classes)), "bias": jnp.zeros((num_classes,))}
+
+    def loss_fn(p, xb, yb):
+      logits = xb @ p["kernel"] + p["bias"]
+      return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
+
+    def norm_variation(tx):
+      def step(carry, key):
+        p, s = carry
+        idx = jax.random.choice(key, x.shape[0], (64,))
+        grads = jax.grad(loss_fn)(p, x[idx], y[idx])
+        updates, s = tx.update(grads, s, p)
+        return (optax.apply_updates(p, updates), s), None
+
+      keys = jax.random.split(jax.random.key(seed), 100)
+      (p, _), _ = jax.jit(lambda c: jax.lax.scan(step, c, keys))((params, tx.init(params)))
+      norms = np.linalg.norm(np.asarray(p["kernel"]), axis=0)
+      return norms.std() / norms.mean()
+
+    sgd = optax.sgd(0.05, momentum=0.9)
+    variation_sgd = norm_variation(sgd)
+    variation_gr = norm_variation(optax.chain(gr_jax.gradient_reweighting(), sgd))
+    self.assertGreater(variation_sgd, 0.2)
+    self.assertLess(variation_gr, 0.6 * variation_sgd)
+
+
+if __name__ == "__main__":
+  absltest.main()
