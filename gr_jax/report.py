@@ -1,0 +1,242 @@
+"""Run outputs: per-step scalars (JSON lines + TensorBoard), final results JSON and a summary plot.
+
+Pure host-side I/O. TensorBoard event files are written with tensorboard's TF-free record writer
+(``tensorboard.summary.writer.record_writer`` + the ``tensorboard.compat.proto`` protos), because
+tensorboard's ``EventFileWriter`` goes through ``tf.io.gfile`` and so imports TensorFlow whenever it
+is installed — slow, and unwanted next to JAX on an accelerator.
+
+Layout of a work directory::
+
+  workdir/metrics.jsonl                    one JSON object per write_scalars call
+  workdir/tensorboard/events.out.tfevents.gr_jax   TensorBoard scalars
+  workdir/results.json                     final metrics (write_results)
+  workdir/accuracy.png                     summary plot (plot_results)
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from tensorboard.compat.proto import event_pb2, summary_pb2
+from tensorboard.summary.writer.record_writer import RecordWriter
+
+METRICS_FILE = 'metrics.jsonl'
+TENSORBOARD_DIR = 'tensorboard'
+# One fixed name (it must contain 'tfevents' for TensorBoard to find it) so that a resumed run
+# appends to the same file. TensorBoard discards points beyond a step that goes backwards, which
+# is exactly what a restart from an earlier checkpoint needs.
+EVENTS_FILE = 'events.out.tfevents.gr_jax'
+RESULTS_FILE = 'results.json'
+PLOT_FILE = 'accuracy.png'
+
+
+def to_json_compatible(value: Any) -> Any:
+  """Recursively converts numpy / JAX values to plain JSON types; NaN and ±inf become None.
+
+  Strict JSON has no NaN / Infinity, and e.g. forgetting is undefined for the first phase, so
+  missing values are written as ``null``.
+  """
+  if isinstance(value, Mapping):
+    return {str(k): to_json_compatible(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [to_json_compatible(v) for v in value]
+  if isinstance(value, (str, bool)) or value is None:
+    return value
+  if isinstance(value, np.generic):
+    return to_json_compatible(value.item())
+  if isinstance(value, int):
+    return value
+  if isinstance(value, float):
+    return value if math.isfinite(value) else None
+  if hasattr(value, '__array__'):  # np.ndarray, jax.Array
+    return to_json_compatible(np.asarray(value).tolist())
+  raise TypeError(f'cannot convert {type(value).__name__} to JSON')
+
+
+def _valid_records_end(path: str) -> int:
+  """Byte offset just past the last complete TFRecord in ``path`` (a crash may leave a torn one)."""
+  end = 0
+  size = os.path.getsize(path)
+  with open(path, 'rb') as f:
+    while True:
+      header = f.read(12)  # uint64 length + uint32 masked crc of the length
+      if len(header) < 12:
+        return end
+      (length,) = struct.unpack('<Q', header[:8])
+      record_end = end + 12 + length + 4
+      if record_end > size:
+        return end
+      f.seek(record_end)
+      end = record_end
+
+
+class MetricWriter:
+  """Writes scalars to ``workdir/metrics.jsonl`` and to TensorBoard events in ``workdir/tensorboard``.
+
+  Both files are opened in append mode, so a resumed run continues them. Use as a context manager
+  or call ``close()``.
+
+  Example::
+
+    with MetricWriter(workdir) as w:
+      w.write_scalars(step, {'train/loss': 0.7, 'lr': 0.1}, phase=0, epoch=3)
+  """
+
+  def __init__(self, workdir: str | os.PathLike):
+    self.workdir = os.fspath(workdir)
+    tb_dir = os.path.join(self.workdir, TENSORBOARD_DIR)
+    os.makedirs(tb_dir, exist_ok=True)
+
+    jsonl_path = os.path.join(self.workdir, METRICS_FILE)
+    self._jsonl = open(jsonl_path, 'a', encoding='utf-8')
+    if self._jsonl.tell() > 0 and not _ends_with_newline(jsonl_path):
+      self._jsonl.write('\n')  # finish a line torn by a crash so the next one parses
+
+    events_path = os.path.join(tb_dir, EVENTS_FILE)
+    is_new = not os.path.exists(events_path)
+    if not is_new:
+      end = _valid_records_end(events_path)
+      if end < os.path.getsize(events_path):
+        os.truncate(events_path, end)
+    self._events = RecordWriter(open(events_path, 'ab'))
+    if is_new:
+      self._write_event(event_pb2.Event(wall_time=time.time(), file_version='brain.Event:2'))
+
+  def _write_event(self, event: event_pb2.Event):
+    self._events.write(event.SerializeToString())
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any], **context: Any):
+    """Records ``scalars`` at global ``step``.
+
+    Args:
+      step: global step (TensorBoard x-axis).
+      scalars: name -> number (Python, numpy or JAX scalar); names are TensorBoard tags.
+      **context: extra JSON-only fields such as ``phase`` and ``epoch``.
+    """
+    step = int(step)
+    values = {k: float(np.asarray(v)) for k, v in scalars.items()}
+    record = {**to_json_compatible(context), 'step': step, **to_json_compatible(values)}
+    self._jsonl.write(json.dumps(record, allow_nan=False) + '\n')
+    summary = summary_pb2.Summary(
+        value=[summary_pb2.Summary.Value(tag=k, simple_value=v) for k, v in values.items()])
+    self._write_event(event_pb2.Event(wall_time=time.time(), step=step, summary=summary))
+
+  def flush(self):
+    self._jsonl.flush()
+    self._events.flush()
+
+  def close(self):
+    if not self._jsonl.closed:
+      self.flush()
+      self._jsonl.close()
+    if not self._events.closed:
+      self._events.close()
+
+  def __enter__(self) -> MetricWriter:
+    return self
+
+  def __exit__(self, *exc_info):
+    self.close()
+
+
+def _ends_with_newline(path: str) -> bool:
+  with open(path, 'rb') as f:
+    f.seek(-1, os.SEEK_END)
+    return f.read(1) == b'\n'
+
+
+def _atomic_write(path: str, write_fn, mode: str = 'w'):
+  """Writes via a temporary file in the same directory + ``os.replace``: never a half file."""
+  directory = os.path.dirname(path) or '.'
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + '.', suffix='.tmp')
+  try:
+    with os.fdopen(fd, mode) as f:
+      write_fn(f)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def write_results(workdir: str | os.PathLike, results: Mapping[str, Any]) -> str:
+  """Atomically writes ``results`` to ``workdir/results.json`` (NaN/inf -> null); returns the path."""
+  workdir = os.fspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, RESULTS_FILE)
+  payload = json.dumps(to_json_compatible(results), indent=2, allow_nan=False) + '\n'
+  _atomic_write(path, lambda f: f.write(payload))
+  return path
+
+
+def _as_float_array(values: Sequence[Any]) -> np.ndarray:
+  """Lists that went through JSON hold None for NaN; turn them back into NaN for plotting."""
+  return np.asarray([np.nan if v is None else float(v) for v in values], dtype=np.float64)
+
+
+def plot_results(workdir: str | os.PathLike, results: Mapping[str, Any],
+                 train_counts: Sequence[int]) -> str:
+  """Writes ``workdir/accuracy.png`` summarising a run; returns its path.
+
+  Left: TAg accuracy A_t per phase, both the unweighted mean over phases (``avg_acc_per_phase``)
+  and the class-weighted one (``avg_acc_per_phase_weighted``). Right: final per-class accuracy
+  (``per_class_accuracy``, percent) against the class's training-set size (log x), which shows how
+  well the tail classes are served.
+
+  Args:
+    workdir: output directory.
+    results: must hold the three keys above.
+    train_counts: training images per class, aligned with ``per_class_accuracy``.
+
+  Raises:
+    ValueError: if ``train_counts`` and ``per_class_accuracy`` differ in length.
+  """
+  # Figure + Agg canvas directly (no pyplot): no global figure state, no backend switching.
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+
+  acc = _as_float_array(results['avg_acc_per_phase'])
+  acc_w = _as_float_array(results['avg_acc_per_phase_weighted'])
+  per_class = _as_float_array(results['per_class_accuracy'])
+  counts = np.asarray(train_counts, dtype=np.float64)
+  if counts.shape != per_class.shape:
+    raise ValueError(f'train_counts has {counts.size} entries but per_class_accuracy has '
+                     f'{per_class.size}')
+
+  fig = Figure(figsize=(11, 4.2))
+  FigureCanvasAgg(fig)
+  ax_phase, ax_class = fig.subplots(1, 2)
+
+  ax_phase.plot(np.arange(acc.size), acc, 'o-', label='A_t (mean over phases)')
+  ax_phase.plot(np.arange(acc_w.size), acc_w, 's--', label='A_t (class-weighted)')
+  ax_phase.set_xlabel('phase')
+  ax_phase.set_ylabel('TAg accuracy (%)')
+  title = 'TAg accuracy per phase'
+  if results.get('avg_incremental_acc') is not None:
+    title += f' (avg. incremental {float(results["avg_incremental_acc"]):.2f}%)'
+  ax_phase.set_title(title)
+  ax_phase.grid(alpha=0.3)
+  ax_phase.legend()
+
+  ax_class.scatter(counts, per_class, s=14, alpha=0.7)
+  ax_class.set_xscale('log')
+  ax_class.set_xlabel('training images of the class (log)')
+  ax_class.set_ylabel('final accuracy (%)')
+  ax_class.set_title('Final per-class accuracy vs. training-set size')
+  ax_class.grid(alpha=0.3, which='both')
+  fig.tight_layout()
+
+  workdir = os.fspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, PLOT_FILE)
+  _atomic_write(path, lambda f: fig.savefig(f, format='png', dpi=100), mode='wb')
+  return path

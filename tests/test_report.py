@@ -1,0 +1,125 @@
+"""Tests for gr_jax.report: metrics.jsonl, TensorBoard events, results.json and the plot."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from gr_jax import report
+
+_PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
+
+
+def _tb_scalars(tb_dir):
+  """Reads scalars back with TensorBoard's own loader: {tag: [(step, value), ...]}."""
+  from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+  acc = EventAccumulator(str(tb_dir))
+  acc.Reload()
+  return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()['scalars']}
+
+
+def test_metrics_jsonl_and_tensorboard_round_trip(tmp_path):
+  with report.MetricWriter(tmp_path) as w:
+    w.write_scalars(1, {'train/loss': np.float32(2.5), 'lr': 0.1}, phase=0, epoch=0)
+    w.write_scalars(2, {'train/loss': 1.25, 'lr': np.array(0.1)}, phase=0, epoch=1)
+
+  lines = (tmp_path / 'metrics.jsonl').read_text().splitlines()
+  records = [json.loads(line) for line in lines]
+  assert records == [
+      {'phase': 0, 'epoch': 0, 'step': 1, 'train/loss': 2.5, 'lr': pytest.approx(0.1)},
+      {'phase': 0, 'epoch': 1, 'step': 2, 'train/loss': 1.25, 'lr': pytest.approx(0.1)},
+  ]
+
+  event_files = os.listdir(tmp_path / 'tensorboard')
+  assert len(event_files) == 1 and 'tfevents' in event_files[0]
+  scalars = _tb_scalars(tmp_path / 'tensorboard')
+  assert scalars['train/loss'] == [(1, 2.5), (2, 1.25)]
+  assert [s for s, _ in scalars['lr']] == [1, 2]
+  np.testing.assert_allclose([v for _, v in scalars['lr']], [0.1, 0.1], rtol=1e-6)
+
+
+def test_metric_writer_appends_on_resume_and_repairs_torn_tail(tmp_path):
+  with report.MetricWriter(tmp_path) as w:
+    w.write_scalars(1, {'x': 1.0}, phase=0)
+  # Simulate a crash mid-write: a torn JSON line and a torn TensorBoard record.
+  with open(tmp_path / 'metrics.jsonl', 'a') as f:
+    f.write('{"phase": 0, "st')
+  events = tmp_path / 'tensorboard' / report.EVENTS_FILE
+  with open(events, 'ab') as f:
+    f.write(b'\x40\x00\x00\x00\x00\x00\x00\x00garbage')
+  with report.MetricWriter(tmp_path) as w:
+    w.write_scalars(2, {'x': 2.0}, phase=1)
+
+  lines = (tmp_path / 'metrics.jsonl').read_text().splitlines()
+  assert json.loads(lines[0]) == {'phase': 0, 'step': 1, 'x': 1.0}
+  assert json.loads(lines[-1]) == {'phase': 1, 'step': 2, 'x': 2.0}
+  assert _tb_scalars(tmp_path / 'tensorboard')['x'] == [(1, 1.0), (2, 2.0)]
+
+
+def test_metric_writer_does_not_import_tensorflow(tmp_path):
+  code = textwrap.dedent(f"""
+      import sys
+      from gr_jax import report
+      with report.MetricWriter({str(tmp_path)!r}) as w:
+        w.write_scalars(0, {{'a': 1.0}})
+      print('tensorflow' in sys.modules)
+  """)
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert out.stdout.strip() == 'False'
+
+
+def test_write_results_round_trip_nan_to_null(tmp_path):
+  results = {
+      'avg_incremental_acc': np.float64(34.35),
+      'acc_tag': np.array([[50.0, np.nan], [40.0, 30.0]], dtype=np.float32),
+      'forgetting': [float('nan'), 10.0],
+      'num_phases': np.int64(2),
+      'inf': float('inf'),
+      'nested': {1: (np.bool_(True), 'ok')},
+  }
+  path = report.write_results(tmp_path, results)
+  assert path == os.path.join(tmp_path, 'results.json')
+  with open(path) as f:
+    loaded = json.load(f)
+  assert loaded == {
+      'avg_incremental_acc': 34.35,
+      'acc_tag': [[50.0, None], [40.0, 30.0]],
+      'forgetting': [None, 10.0],
+      'num_phases': 2,
+      'inf': None,
+      'nested': {'1': [True, 'ok']},
+  }
+  assert [p for p in os.listdir(tmp_path) if p.endswith('.tmp')] == []
+  # Overwriting replaces the file whole.
+  report.write_results(tmp_path, {'a': 1})
+  with open(path) as f:
+    assert json.load(f) == {'a': 1}
+
+
+def test_plot_results_writes_png(tmp_path):
+  per_class = [90.0, 70.0, 40.0, None, 5.0]  # None as after a JSON round trip of NaN
+  results = {
+      'avg_acc_per_phase': [80.0, 60.0, 45.5],
+      'avg_acc_per_phase_weighted': [80.0, 58.0, 44.0],
+      'per_class_accuracy': per_class,
+      'avg_incremental_acc': 61.8,
+  }
+  path = report.plot_results(tmp_path, results, train_counts=[500, 200, 50, 20, 5])
+  assert path == os.path.join(tmp_path, 'accuracy.png')
+  data = open(path, 'rb').read()
+  assert data[:8] == _PNG_MAGIC
+  width, height = int.from_bytes(data[16:20], 'big'), int.from_bytes(data[20:24], 'big')
+  assert (width, height) == (1100, 420)  # figsize (11, 4.2) at 100 dpi
+  assert len(data) > 10_000
+
+
+def test_plot_results_rejects_misaligned_counts(tmp_path):
+  results = {'avg_acc_per_phase': [1.0], 'avg_acc_per_phase_weighted': [1.0],
+             'per_class_accuracy': [1.0, 2.0]}
+  with pytest.raises(ValueError, match='train_counts'):
+    report.plot_results(tmp_path, results, train_counts=[10])
+  assert not (tmp_path / 'accuracy.png').exists()
