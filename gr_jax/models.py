@@ -190,11 +190,23 @@ class ResNet18(_Classifier):
     return _ResNetBackbone('imagenet', 64, (64, 128, 256, 512), 2, self.dtype)
 
 
-_MODELS = {'resnet32': ResNet32, 'resnet18': ResNet18}
+class ResNet8(_Classifier):
+  """ResNet-32's layout with one block per stage: cheap to compile, for tests and smoke runs."""
+
+  @property
+  def feature_dim(self) -> int:
+    return 64
+
+  def _make_backbone(self):
+    return _ResNetBackbone('cifar', 16, (16, 32, 64), 1, self.dtype)
+
+
+_MODELS = {'resnet32': ResNet32, 'resnet18': ResNet18, 'resnet8': ResNet8}
 
 
 def create_model(name: str, num_classes: int, dtype: Dtype = jnp.float32) -> nn.Module:
-  """Builds a model by name ('resnet32' for CIFAR, 'resnet18' for ImageNet-style data).
+  """Builds a model by name ('resnet32' for CIFAR, 'resnet18' for ImageNet-style data, 'resnet8'
+  for tests).
 
   Raises:
     ValueError: for an unknown name; the message lists the valid ones.

@@ -1,0 +1,272 @@
+"""Dataset sources on the real shared data (npz, folder, list) and tfds (mocked, ImageFolder)."""
+
+import os
+import pathlib
+
+import numpy as np
+from PIL import Image
+import pytest
+
+from gr_jax.data import sources
+
+
+@pytest.fixture(scope="module")
+def cifar(cifar100_npz):
+  return sources.load_dataset("npz", path=str(cifar100_npz), name="cifar100")
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_imagenet_dir):
+  return sources.load_dataset("folder", path=str(tiny_imagenet_dir))
+
+
+# --- npz ------------------------------------------------------------------------------------------
+
+
+def test_npz_cifar100(cifar):
+  assert cifar.name == "cifar100" and cifar.num_classes == 100
+  assert cifar.x_train.shape == (50000, 32, 32, 3) and cifar.x_train.dtype == np.uint8
+  assert cifar.x_test.shape == (10000, 32, 32, 3) and cifar.x_test.dtype == np.uint8
+  assert cifar.y_train.dtype == np.int32 and cifar.y_test.dtype == np.int32
+  np.testing.assert_array_equal(np.bincount(cifar.y_train), np.full(100, 500))
+  np.testing.assert_array_equal(np.bincount(cifar.y_test), np.full(100, 100))
+  assert cifar.class_names[:3] == ("apple", "aquarium_fish", "baby")
+  assert cifar.image_shape == (32, 32, 3)
+  # Official order: the first training image is a cattle (label 19), the first test image a
+  # mountain (49).
+  assert cifar.y_train[0] == 19 and cifar.y_test[0] == 49
+  # Published CIFAR-100 per-channel train mean (0.5071, 0.4866, 0.4409).
+  mean = cifar.x_train.reshape(-1, 3).mean(0, dtype=np.float64) / 255.0
+  np.testing.assert_allclose(mean, [0.5071, 0.4866, 0.4409], atol=5e-4)
+  with pytest.raises(ValueError):
+    cifar.y_train[0] = 3  # Read-only.
+
+
+def test_npz_errors(tmp_path):
+  bad = tmp_path / "bad.npz"
+  np.savez(bad, x_train=np.zeros((2, 4, 4, 3), np.uint8), y_train=np.zeros(2, np.int64))
+  with pytest.raises(ValueError, match=r"lacks arrays \['x_test', 'y_test'\]"):
+    sources.load_dataset("npz", path=str(bad))
+  gray = tmp_path / "gray.npz"
+  np.savez(gray, x_train=np.zeros((2, 4, 4), np.uint8), y_train=np.zeros(2, np.int64),
+           x_test=np.zeros((1, 4, 4), np.uint8), y_test=np.zeros(1, np.int64))
+  with pytest.raises(ValueError, match=r"x_train must be uint8 \[N, H, W, 3\]"):
+    sources.load_dataset("npz", path=str(gray))
+  missing = tmp_path / "nowhere" / "cifar.npz"
+  with pytest.raises(FileNotFoundError, match=str(missing)):
+    sources.load_dataset("npz", path=str(missing))
+  ok = tmp_path / "ok.npz"
+  np.savez(ok, x_train=np.zeros((2, 4, 4, 3), np.uint8), y_train=np.array([0, 1]),
+           x_test=np.zeros((1, 4, 4, 3), np.uint8), y_test=np.array([1]))
+  small = sources.load_dataset("npz", path=str(ok))
+  assert small.name == "ok" and small.class_names == ("0", "1")
+  with pytest.raises(ValueError, match="image_size=8 is not applied to npz"):
+    sources.load_dataset("npz", path=str(ok), image_size=8)
+
+
+def test_unknown_source_and_missing_paths(tmp_path):
+  with pytest.raises(ValueError, match="unknown data.source 'foo': expected one of tfds, npz, "
+                     "folder, list"):
+    sources.load_dataset("foo", path="x")
+  with pytest.raises(ValueError, match="needs path="):
+    sources.load_dataset("folder")
+  missing = tmp_path / "no-such-folder"
+  with pytest.raises(FileNotFoundError, match=f"{missing}.*train/<class>"):
+    sources.load_dataset("folder", path=str(missing))
+  (tmp_path / "half" / "train" / "a").mkdir(parents=True)
+  with pytest.raises(FileNotFoundError, match="has no test/ sub-folder"):
+    sources.load_dataset("folder", path=str(tmp_path / "half"))
+  with pytest.raises(FileNotFoundError, match=f"{missing}.*train.txt"):
+    sources.load_dataset("list", path=str(missing))
+  with pytest.raises(ValueError, match="image_size must be a positive integer"):
+    sources.load_dataset("folder", path=str(missing), image_size=0)
+
+
+# --- folder ---------------------------------------------------------------------------------------
+
+
+def test_folder_tiny_imagenet(tiny, tiny_imagenet_dir):
+  assert tiny.name == "tiny-imagenet-101" and tiny.num_classes == 101
+  assert len(tiny.x_train) == 10100 and len(tiny.x_test) == 5050
+  assert tiny.x_train.shape == (10100, 64, 64, 3) and tiny.x_train.dtype == np.uint8
+  np.testing.assert_array_equal(np.bincount(tiny.y_train), np.full(101, 100))
+  np.testing.assert_array_equal(np.bincount(tiny.y_test), np.full(101, 50))
+  assert list(tiny.class_names) == sorted(os.listdir(tiny_imagenet_dir / "train"))
+  assert tiny.class_names[0] == "n01443537"
+  # Labels follow the class folder of each file.
+  for i in (0, 99, 100, 5555, 10099):
+    assert pathlib.Path(tiny.x_train.sources[i]).parent.name == tiny.class_names[tiny.y_train[i]]
+  # Lazy decode of a handful (int array, int, slice, mask) matches a direct PIL decode.
+  idx = np.array([0, 4321, 10099, 17, 2500, 9000])
+  batch = tiny.x_train[idx]
+  assert batch.shape == (6, 64, 64, 3) and batch.dtype == np.uint8
+  for k, i in enumerate(idx):
+    direct = np.asarray(Image.open(tiny.x_train.sources[i]).convert("RGB"))
+    np.testing.assert_array_equal(batch[k], direct)
+  np.testing.assert_array_equal(tiny.x_train[4321], batch[1])
+  np.testing.assert_array_equal(tiny.x_train[-1], batch[2])
+  np.testing.assert_array_equal(tiny.x_test[3:5], tiny.x_test[np.array([3, 4])])
+  assert batch.std() > 10  # Real photos, not blank.
+  sub = tiny.x_train.subset(idx)
+  assert len(sub) == 6
+  np.testing.assert_array_equal(np.asarray(sub), batch)
+  with pytest.raises(IndexError):
+    tiny.x_train[np.array([10100])]
+
+
+def test_folder_resize(tiny_imagenet_dir, tiny):
+  resized = sources.load_dataset("folder", path=str(tiny_imagenet_dir), image_size=32)
+  assert resized.x_train.shape == (10100, 32, 32, 3)
+  np.testing.assert_array_equal(resized.y_train, tiny.y_train)
+  img = resized.x_train[np.array([0, 3])]
+  assert img.shape == (2, 32, 32, 3)
+  # Square 64 -> 32 is a plain bilinear resize of the native image.
+  expected = np.asarray(Image.fromarray(tiny.x_train[0]).resize((32, 32), Image.BILINEAR))
+  np.testing.assert_array_equal(img[0], expected)
+
+
+def test_resize_shorter_side_then_center_crop():
+  # 40 wide x 20 tall: shorter side 20 -> 10 gives 20x10, then the middle 10 columns.
+  array = np.zeros((20, 40, 3), np.uint8)
+  array[:, 15:25] = 255  # A white band exactly in the centre 10 (of 20 after resize) columns.
+  out = np.asarray(sources.resize_shorter_and_center_crop(Image.fromarray(array), 10))
+  assert out.shape == (10, 10, 3)
+  assert out[:, 3:7].min() == 255  # Centre of the crop is the band.
+  assert out[:, 0].max() < 128 and out[:, -1].max() < 128  # Edges are outside the band.
+
+
+def test_mixed_native_sizes_need_image_size(tmp_path):
+  for split in ("train", "test"):
+    (tmp_path / split / "a").mkdir(parents=True)
+    Image.new("RGB", (8, 8), (10, 20, 30)).save(tmp_path / split / "a" / "0.png")
+    Image.new("RGB", (12, 6), (10, 20, 30)).save(tmp_path / split / "a" / "1.png")
+  data = sources.load_dataset("folder", path=str(tmp_path))
+  with pytest.raises(ValueError, match="pass image_size"):
+    data.x_train[np.array([0, 1])]
+  fixed = sources.load_dataset("folder", path=str(tmp_path), image_size=4)
+  out = fixed.x_train[np.array([0, 1])]
+  assert out.shape == (2, 4, 4, 3)
+  np.testing.assert_array_equal(out[..., 0], 10)
+
+
+# --- list -----------------------------------------------------------------------------------------
+
+
+def _some_images(tiny, n):
+  idx = np.linspace(0, len(tiny.y_train) - 1, n).astype(int)
+  return [(tiny.x_train.sources[i], int(tiny.y_train[i])) for i in idx]
+
+
+def test_list_source(tmp_path, tiny, tiny_imagenet_dir):
+  picked = _some_images(tiny, 6)
+  root = pathlib.Path(tiny_imagenet_dir)
+  # Relative paths (to data_dir) for train, absolute ones for test; labels renumbered 0..2.
+  with open(tmp_path / "train.txt", "w") as f:
+    for k, (p, _) in enumerate(picked[:4]):
+      f.write(f"{os.path.relpath(p, root)} {k % 3}\n")
+    f.write("\n")  # Blank lines are skipped.
+  with open(tmp_path / "test.txt", "w") as f:
+    for k, (p, _) in enumerate(picked[4:]):
+      f.write(f"{p} {k + 1}\n")
+  data = sources.load_dataset("list", path=str(tmp_path), data_dir=str(root), name="mini")
+  assert data.name == "mini" and data.num_classes == 3 and data.class_names == ("0", "1", "2")
+  np.testing.assert_array_equal(data.y_train, [0, 1, 2, 0])
+  np.testing.assert_array_equal(data.y_test, [1, 2])
+  assert data.x_train.shape == (4, 64, 64, 3)
+  np.testing.assert_array_equal(data.x_train[np.array([1, 3])],
+                                tiny.x_train[np.array([tiny.x_train.sources.index(picked[1][0]),
+                                                       tiny.x_train.sources.index(picked[3][0])])])
+  np.testing.assert_array_equal(data.x_test[0], np.asarray(Image.open(picked[4][0]).convert("RGB")))
+  resized = sources.load_dataset("list", path=str(tmp_path), data_dir=str(root), image_size=48)
+  assert resized.x_test[np.array([0, 1])].shape == (2, 48, 48, 3)
+  # Without data_dir the relative paths resolve against path, where they do not exist.
+  with pytest.raises(FileNotFoundError, match="pass data_dir"):
+    sources.load_dataset("list", path=str(tmp_path))
+
+
+def test_list_malformed_line(tmp_path, tiny):
+  (p0, _), (p1, _) = _some_images(tiny, 2)
+  (tmp_path / "train.txt").write_text(f"{p0} 0\n{p1} zero\n")
+  (tmp_path / "test.txt").write_text(f"{p0} 0\n")
+  with pytest.raises(ValueError, match=r"train.txt, line 2: expected '<image path> "):
+    sources.load_dataset("list", path=str(tmp_path))
+  (tmp_path / "train.txt").write_text(f"{p0} 0\n")
+  (tmp_path / "test.txt").write_text(f"{p0}0\n{p1}\n")
+  with pytest.raises(ValueError, match=r"test.txt, line 1"):
+    sources.load_dataset("list", path=str(tmp_path))
+
+
+# --- tfds -----------------------------------------------------------------------------------------
+
+
+def test_tfds_cifar100_mocked():
+  tfds = pytest.importorskip("tensorflow_datasets")
+  with tfds.testing.mock_data(num_examples=12):
+    data = sources.load_dataset("tfds", name="cifar100")
+  assert data.name == "cifar100" and data.num_classes == 100
+  assert data.x_train.shape == (12, 32, 32, 3) and data.x_train.dtype == np.uint8
+  assert data.x_test.shape == (12, 32, 32, 3) and data.x_test.dtype == np.uint8
+  assert data.y_train.dtype == np.int32 and data.y_train.shape == (12,)
+  assert 0 <= data.y_train.min() and data.y_train.max() < 100
+  assert 0 <= data.y_test.min() and data.y_test.max() < 100
+
+
+def test_tfds_errors():
+  pytest.importorskip("tensorflow_datasets")
+  with pytest.raises(ValueError, match="unknown tfds dataset 'no_such_dataset_xyz'"):
+    sources.load_dataset("tfds", name="no_such_dataset_xyz")
+  with pytest.raises(ValueError, match="needs a dataset name"):
+    sources.load_dataset("tfds")
+
+
+def test_tfds_image_folder_matches_folder_source(tiny, tiny_imagenet_dir):
+  """tfds' ImageFolder on the offline copy gives the same labels, names and pixels as ``folder``."""
+  tfds = pytest.importorskip("tensorflow_datasets")
+  tf = pytest.importorskip("tensorflow")
+  builder = tfds.folder_dataset.ImageFolder(str(tiny_imagenet_dir))
+  assert builder.info.features["label"].names == list(tiny.class_names)
+  assert builder.info.splits["train"].num_examples == len(tiny.y_train)
+  assert builder.info.splits["test"].num_examples == len(tiny.y_test)
+  position = {p: i for i, p in enumerate(tiny.x_train.sources)}
+
+  # Default tfds decoding (TF's fast integer IDCT) is within a few grey levels of PIL's.
+  for ex in tfds.as_numpy(builder.as_dataset(split="train").take(4)):
+    i = position[ex["image/filename"].decode()]
+    assert ex["label"] == tiny.y_train[i]
+    diff = np.abs(ex["image"].astype(int) - tiny.x_train[i].astype(int))
+    assert diff.max() <= 8 and diff.mean() < 2
+
+  # With the accurate IDCT (what PIL uses) the pixels are identical.
+  accurate = tfds.decode.make_decoder()(
+      lambda serialized, feature: tf.io.decode_jpeg(serialized, channels=3,
+                                                    dct_method="INTEGER_ACCURATE"))
+  ds = builder.as_dataset(split="train", decoders={"image": accurate()}).take(4)
+  for ex in tfds.as_numpy(ds):
+    i = position[ex["image/filename"].decode()]
+    assert ex["label"] == tiny.y_train[i]
+    np.testing.assert_array_equal(ex["image"], tiny.x_train[i])
+
+
+def test_folder_and_npz_work_without_tensorflow(tiny_imagenet_dir):
+  """The GPU machines have no TensorFlow: non-tfds sources must not import it."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  code = (
+      "import sys\n"
+      "sys.modules['tensorflow'] = None\n"  # Any `import tensorflow` now raises ImportError.
+      "sys.modules['tensorflow_datasets'] = None\n"
+      "from gr_jax.data import sources\n"
+      f"d = sources.load_dataset('folder', path={str(tiny_imagenet_dir)!r}, image_size=32)\n"
+      "x = d.x_train[[0, 1, 2, 3, 4]]\n"
+      "assert x.shape == (5, 32, 32, 3), x.shape\n"
+      "try:\n"
+      "  sources.load_dataset('tfds', name='cifar100')\n"
+      "except ImportError as e:\n"
+      "  assert 'tensorflow' in str(e)\n"
+      "else:\n"
+      "  raise AssertionError('tfds without tensorflow should fail')\n"
+      "print('ok', x.dtype)\n")
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=str(pathlib.Path(__file__).resolve().parents[1]), timeout=120)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "ok uint8" in result.stdout
