@@ -221,8 +221,8 @@ def plot_results(workdir: str | os.PathLike, results: Mapping[str, Any],
   ax_phase.set_xlabel('phase')
   ax_phase.set_ylabel('TAg accuracy (%)')
   title = 'TAg accuracy per phase'
-  if results.get('avg_incremental_acc') is not None:
-    title += f' (avg. incremental {float(results["avg_incremental_acc"]):.2f}%)'
+  if results.get('average_incremental_accuracy') is not None:
+    title += f' (avg. incremental {float(results["average_incremental_accuracy"]):.2f}%)'
   ax_phase.set_title(title)
   ax_phase.grid(alpha=0.3)
   ax_phase.legend()

@@ -74,7 +74,7 @@ def test_metric_writer_does_not_import_tensorflow(tmp_path):
 
 def test_write_results_round_trip_nan_to_null(tmp_path):
   results = {
-      'avg_incremental_acc': np.float64(34.35),
+      'average_incremental_accuracy': np.float64(34.35),
       'acc_tag': np.array([[50.0, np.nan], [40.0, 30.0]], dtype=np.float32),
       'forgetting': [float('nan'), 10.0],
       'num_phases': np.int64(2),
@@ -86,7 +86,7 @@ def test_write_results_round_trip_nan_to_null(tmp_path):
   with open(path) as f:
     loaded = json.load(f)
   assert loaded == {
-      'avg_incremental_acc': 34.35,
+      'average_incremental_accuracy': 34.35,
       'acc_tag': [[50.0, None], [40.0, 30.0]],
       'forgetting': [None, 10.0],
       'num_phases': 2,
@@ -106,7 +106,7 @@ def test_plot_results_writes_png(tmp_path):
       'avg_acc_per_phase': [80.0, 60.0, 45.5],
       'avg_acc_per_phase_weighted': [80.0, 58.0, 44.0],
       'per_class_accuracy': per_class,
-      'avg_incremental_acc': 61.8,
+      'average_incremental_accuracy': 61.8,
   }
   path = report.plot_results(tmp_path, results, train_counts=[500, 200, 50, 20, 5])
   assert path == os.path.join(tmp_path, 'accuracy.png')

@@ -1,0 +1,73 @@
+"""Defaults shared by every gr_jax config, and the preset syntax ``--config=configs/x.py:a,b``."""
+
+import ml_collections
+
+# Method presets: the paper's method, its ablations and the fine-tuning baseline (docs/method.md).
+METHODS = {
+    "dgr": dict(reweighting="dgr", kd="dakd", logit_prior=True),
+    "no_dgr": dict(reweighting="gr", kd="dakd", logit_prior=True),
+    "no_dakd": dict(reweighting="dgr", kd="plain", logit_prior=True),
+    "no_prior": dict(reweighting="dgr", kd="dakd", logit_prior=False),
+    "finetune": dict(reweighting="none", kd="plain", logit_prior=False),
+}
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.data = ml_collections.ConfigDict(dict(
+      source="tfds",   # tfds | npz | folder | list
+      name="",         # tfds name, e.g. cifar100 / food101
+      path="",         # npz file, image folder or folder of train.txt/test.txt
+      data_dir="",     # tfds data_dir (or the root of list-file paths)
+      image_size=32,   # images are stored and trained at this size
+      download=True,   # tfds only: download and prepare if absent
+  ))
+  c.protocol = ml_collections.ConfigDict(dict(
+      scenario="shuffled",   # shuffled | ordered | conventional (balanced)
+      profile="exponential",  # exponential | step | none
+      rho=0.01,               # imbalance ratio n_min / n_max
+      nc_first_task=0,        # classes of phase 0 (0: an even split)
+      num_tasks=10,
+      val_fraction=0.1,       # per-class hold-out as the reference (only logged, never used)
+      order_seed=1993,        # class order for datasets without a fixed one
+      lt_seed=0,              # the reference's numpy seed for the LT selection
+      num_classes=0,          # >0 keeps only the first classes of the order (smoke runs only)
+      max_train_per_class=0,  # >0 caps training images per class (smoke runs only)
+      max_test_per_class=0,   # >0 caps test images per class (smoke runs only)
+  ))
+  c.model = "resnet32"
+  c.augment = "cifar"
+  c.method = ml_collections.ConfigDict(dict(
+      name="dgr", kd_lambda_base=0.7, temperature=2.0, **METHODS["dgr"]))
+  c.memory = ml_collections.ConfigDict(dict(per_class=20, selection="herding"))
+  c.optim = ml_collections.ConfigDict(dict(
+      learning_rate=0.1, momentum=0.9, weight_decay=5e-4, epochs=160, milestones=(80, 120),
+      lr_decay=0.1, batch_size=128, clip_norm=10000.0))
+  c.seed = 0
+  c.seeds = ""        # e.g. "0,1,2,3,4": independent seeds trained together (vmapped)
+  c.dtype = "float32"  # float32 | bfloat16 (compute; params, norms and losses stay float32)
+  c.num_devices = 0   # 0: all local devices (data parallel)
+  c.eval_chunk = 500     # test / herding images per compiled call
+  c.epoch_as_scan = "auto"  # one lax.scan per epoch (auto: on GPU/TPU; XLA:CPU loops are slow)
+  c.checkpoint = ml_collections.ConfigDict(dict(every_epochs=10, keep=3))
+  return c
+
+
+def apply_presets(c: ml_collections.ConfigDict, arg: str | None, scenarios: dict) -> None:
+  """Applies comma-separated presets: scenario names from ``scenarios``, method names, ``smoke``."""
+  for preset in [p for p in (arg or "").split(",") if p]:
+    if preset in scenarios:
+      scenarios[preset](c)
+    elif preset in METHODS:
+      c.method.name = preset
+      c.method.update(METHODS[preset])
+    elif preset == "smoke":
+      c.optim.epochs = 1
+      c.optim.milestones = ()
+      c.protocol.max_train_per_class = 25
+      c.protocol.max_test_per_class = 10
+      c.protocol.val_fraction = 0.0
+      c.checkpoint.every_epochs = 1
+    else:
+      raise ValueError(f"unknown config preset {preset!r}; known: {sorted(scenarios)} "
+                       f"{sorted(METHODS)} smoke")

@@ -1,0 +1,375 @@
+"""The phase loop: the only place that sequences data, training, memory, evaluation and checkpoints.
+
+``run(config, workdir)`` trains every phase of the class-incremental protocol for one or several
+seeds (vmapped together), resumes from the latest checkpoint in ``workdir`` and writes
+``results.json``, ``metrics.jsonl``, TensorBoard events and ``accuracy.png`` there.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Any, Callable, Optional
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from gr_jax import checkpoint as ckpt
+from gr_jax import exemplars
+from gr_jax import metrics
+from gr_jax import models
+from gr_jax import parallel
+from gr_jax import report
+from gr_jax import state as state_lib
+from gr_jax import steps
+from gr_jax.data import augment
+from gr_jax.data import protocol
+from gr_jax.data import sources
+from gr_jax.phase_constants import phase_constants
+
+EpochHook = Callable[[dict[str, Any]], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+  """Everything derived from the config once: data, plan, model, optimiser, compiled steps."""
+  config: ml_collections.ConfigDict
+  dataset: sources.Dataset
+  plan: protocol.Plan
+  seeds: tuple[int, ...]
+  model: Any
+  tx: Any
+  method: steps.Method
+  mesh: Any
+  capacity: int
+  test: tuple[Any, ...]
+  base_steps: steps.StepFns
+  incremental_steps: steps.StepFns
+
+
+def parse_seeds(config) -> tuple[int, ...]:
+  if config.get("seeds"):
+    seeds = tuple(int(s) for s in str(config.seeds).split(",") if s.strip())
+    if len(set(seeds)) != len(seeds):
+      raise ValueError(f"config.seeds={config.seeds!r} repeats a seed")
+    return seeds
+  return (int(config.seed),)
+
+
+def method_from_config(config) -> steps.Method:
+  m = config.method
+  return steps.Method(reweighting=m.reweighting, kd=m.kd, logit_prior=m.logit_prior,
+                      temperature=m.temperature)
+
+
+def _memory_slots(plan: protocol.Plan, phase: int, per_class: int) -> int:
+  start, _ = plan.class_range(phase)
+  return int(np.minimum(plan.train_counts[:start], per_class).sum())
+
+
+def _round_up(n: int, multiple: int) -> int:
+  return max(multiple, -(-n // multiple) * multiple)
+
+
+def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
+  """Loads data, plans the phases and compiles nothing yet (jit is lazy)."""
+  validate_config(config)
+  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.dtype]
+  d = config.data
+  dataset = sources.load_dataset(d.source, name=d.name or None, path=d.path or None,
+                                 data_dir=d.data_dir or None, image_size=d.image_size or None,
+                                 download=d.download)
+  p = config.protocol
+  plan = protocol.make_plan(
+      dataset.y_train, dataset.y_test, dataset_name=dataset.name, scenario=p.scenario,
+      profile=p.profile, rho=p.rho, nc_first_task=p.nc_first_task or None,
+      num_tasks=p.num_tasks, val_fraction=p.val_fraction, seed=p.order_seed, lt_seed=p.lt_seed,
+      num_classes=p.num_classes or None, max_train_per_class=p.max_train_per_class or None,
+      max_test_per_class=p.max_test_per_class or None)
+  per_class = config.memory.per_class
+  capacity = max(len(plan.train_idx[t]) + _memory_slots(plan, t, per_class)
+                 for t in range(plan.num_phases))
+  mesh = parallel.make_mesh(config.num_devices or None)
+  batch = config.optim.batch_size
+  parallel.check_batch(batch, mesh)
+  capacity = _round_up(capacity, batch)
+  model = models.create_model(config.model, plan.num_classes, dtype)
+  method = method_from_config(config)
+  tx = state_lib.make_optimizer(reweighting=method.reweighting != "none",
+                                weight_decay=config.optim.weight_decay,
+                                momentum=config.optim.momentum,
+                                clip_norm=config.optim.clip_norm or None)
+  train_aug, test_aug = augment.get_augmentation(config.augment, d.image_size)
+  test = _test_set(dataset, plan, _eval_chunk(config, mesh), mesh)
+  step_mesh = mesh if mesh.size > 1 else None
+  scan = {"auto": jax.default_backend() != "cpu", "true": True, "false": False}[
+      str(config.epoch_as_scan).lower()]
+  make = lambda incremental: steps.make_step_fns(
+      model, tx, method, train_aug, test_aug, batch_size=batch, num_steps=capacity // batch,
+      incremental=incremental, epoch_as_scan=scan, mesh=step_mesh)
+  return Experiment(config=config, dataset=dataset, plan=plan, seeds=parse_seeds(config),
+                    model=model, tx=tx, method=method, mesh=mesh, capacity=capacity, test=test,
+                    base_steps=make(False), incremental_steps=make(True))
+
+
+def validate_config(config) -> None:
+  if str(config.epoch_as_scan).lower() not in ("auto", "true", "false"):
+    raise ValueError(f"config.epoch_as_scan={config.epoch_as_scan!r}: use auto, true or false")
+  if config.dtype not in ("float32", "bfloat16"):
+    raise ValueError(f"config.dtype={config.dtype!r}: use float32 or bfloat16")
+  per_class = config.memory.per_class
+  if not isinstance(per_class, int) or isinstance(per_class, bool) or per_class <= 0:
+    raise ValueError(f"config.memory.per_class={per_class!r}: the exemplar budget must be a "
+                     "positive integer (images kept per old class, 20 in the paper)")
+  if config.memory.selection not in ("herding", "random"):
+    raise ValueError(f"config.memory.selection={config.memory.selection!r}: use herding or random")
+  if config.optim.epochs <= 0 or config.optim.batch_size <= 0:
+    raise ValueError("config.optim.epochs and config.optim.batch_size must be positive")
+
+
+def _test_set(dataset, plan, chunk, mesh):
+  idx = np.concatenate(plan.test_idx)
+  n = _round_up(len(idx), chunk)
+  images = np.zeros((n,) + tuple(dataset.x_test[idx[:1]].shape[1:]), np.uint8)
+  images[:len(idx)] = dataset.x_test[idx]
+  labels = np.zeros((n,), np.int32)
+  labels[:len(idx)] = plan.positions(dataset.y_test[idx])
+  valid = np.arange(n) < len(idx)
+  num_test = np.bincount(labels[valid], minlength=plan.num_classes)
+  task_of_class = plan.phase_of_class.astype(np.int32)
+  put = lambda a: parallel.replicate(jnp.asarray(a), mesh)
+  return put(images), put(labels), put(valid), put(task_of_class), num_test
+
+
+def _eval_chunk(config, mesh) -> int:
+  return _round_up(config.eval_chunk, mesh.size)
+
+
+def _chunks(n: int, chunk: int):
+  return [slice(i, i + chunk) for i in range(0, n, chunk)]
+
+
+def _learning_rate(optim, epoch: int) -> float:
+  return optim.learning_rate * optim.lr_decay ** sum(epoch >= m for m in optim.milestones)
+
+
+def _phase_data(exp: Experiment, state: state_lib.TrainState, phase: int) -> steps.PhaseData:
+  """New-class images of ``phase`` plus each seed's exemplars, padded to the capacity."""
+  plan, ds = exp.plan, exp.dataset
+  memory = np.asarray(state.memory)
+  images, labels, sizes = [], [], []
+  for s in range(len(exp.seeds)):
+    kept = memory[s][memory[s] >= 0]
+    idx = np.concatenate([plan.train_idx[phase], kept]).astype(np.int64)
+    x = ds.x_train[idx]
+    padded = np.zeros((exp.capacity,) + x.shape[1:], np.uint8)
+    padded[:len(idx)] = x
+    y = np.zeros((exp.capacity,), np.int32)
+    y[:len(idx)] = plan.positions(ds.y_train[idx])
+    images.append(padded)
+    labels.append(y)
+    sizes.append(len(idx))
+  if len(set(sizes)) != 1:
+    raise AssertionError(f"seeds hold different numbers of exemplars: {sizes}")
+  put = lambda a: parallel.replicate(jnp.asarray(a), exp.mesh)
+  return steps.PhaseData(put(np.stack(images)), put(np.stack(labels)),
+                         put(np.int32(sizes[0])))
+
+
+def _constants(exp: Experiment, phase: int):
+  start, stop = exp.plan.class_range(phase)
+  c = exp.config
+  return parallel.replicate(
+      phase_constants(exp.plan.train_counts, start, stop - start, c.memory.per_class,
+                      c.method.kd_lambda_base, c.method.temperature), exp.mesh)
+
+
+def init_state(exp: Experiment) -> state_lib.TrainState:
+  shape = tuple(exp.dataset.x_train[np.arange(1)].shape[1:])
+  shape = (exp.config.data.image_size, exp.config.data.image_size, shape[-1])
+  keys = jnp.stack([jax.random.key(s) for s in exp.seeds])
+  create = lambda k: state_lib.create_train_state(
+      exp.model, exp.tx, k, shape, exp.plan.num_phases, exp.config.memory.per_class,
+      jnp.asarray(exp.plan.train_counts))
+  return parallel.replicate(jax.jit(jax.vmap(create))(keys), exp.mesh)
+
+
+def _fresh_heads(exp: Experiment, state: state_lib.TrainState, phase: int):
+  """Params whose classifier rows of ``phase``'s new classes are freshly initialised.
+
+  The reference adds a new, freshly initialised head at every phase; here the classifier covers all
+  classes from the start, so the rows of the arriving classes are re-drawn (they were only decayed
+  by weight decay while unseen).
+  """
+  start, stop = exp.plan.class_range(phase)
+  new = (np.arange(exp.plan.num_classes) >= start) & (np.arange(exp.plan.num_classes) < stop)
+  shape = (exp.config.data.image_size,) * 2 + (3,)
+
+  def reinit(params, key_data):
+    key = jax.random.fold_in(jax.random.wrap_key_data(key_data), 1000 + phase)
+    fresh, _ = state_lib.init_variables(exp.model, key, shape)
+    return dict(params, classifier=jax.tree.map(
+        lambda old, f: jnp.where(new, f, old), params["classifier"], fresh["classifier"]))
+
+  return jax.jit(jax.vmap(reinit))(state.params, state.key)
+
+
+def _finish_phase(exp: Experiment, state: state_lib.TrainState, phase: int):
+  """Herding of the phase's new classes, evaluation, and the next phase's fresh start."""
+  plan, cfg = exp.plan, exp.config
+  fns = exp.incremental_steps if phase else exp.base_steps
+  start, stop = plan.class_range(phase)
+  idx = plan.train_idx[phase]
+  chunk = _eval_chunk(cfg, exp.mesh)
+  n = _round_up(len(idx), chunk)
+  images = np.zeros((n,) + tuple(exp.dataset.x_train[idx[:1]].shape[1:]), np.uint8)
+  images[:len(idx)] = exp.dataset.x_train[idx]
+  seeds = len(exp.seeds)
+  feats = np.concatenate([
+      np.asarray(fns.features(state.params, state.batch_stats, parallel.replicate(
+          jnp.broadcast_to(jnp.asarray(images[sl]), (seeds,) + images[sl].shape), exp.mesh)))
+      for sl in _chunks(n, chunk)], axis=1)[:, :len(idx)]
+  labels = plan.positions(exp.dataset.y_train[idx])
+  memory = np.asarray(state.memory).copy()
+  for s in range(seeds):
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.key[s]), 2000 + phase)
+    chosen = exemplars.select_exemplars(feats[s], labels, idx, list(range(start, stop)),
+                                        cfg.memory.per_class, cfg.memory.selection, key)
+    memory[s, start:stop] = chosen
+  images_t, labels_t, valid_t, task_of_class, _ = exp.test
+  seen = jnp.asarray(np.arange(plan.num_classes) < stop)
+  tag = taw = 0
+  for sl in _chunks(images_t.shape[0], chunk):
+    t_tag, t_taw = fns.evaluate(state.params, state.batch_stats, images_t[sl], labels_t[sl],
+                                valid_t[sl], seen, task_of_class)
+    tag, taw = tag + t_tag, taw + t_taw
+  state = state.replace(
+      memory=parallel.replicate(jnp.asarray(memory), exp.mesh),
+      correct_tag=state.correct_tag.at[:, phase].set(tag),
+      correct_taw=state.correct_taw.at[:, phase].set(taw),
+      # Copies: the train step donates params and batch stats, the teacher must survive it.
+      teacher_params=jax.tree.map(jnp.copy, state.params),
+      teacher_batch_stats=jax.tree.map(jnp.copy, state.batch_stats),
+      phase=state.phase + 1, epoch=jnp.zeros_like(state.epoch))
+  if phase + 1 < plan.num_phases:
+    params = _fresh_heads(exp, state, phase + 1)
+    state = state.replace(params=params, opt_state=jax.jit(jax.vmap(exp.tx.init))(params))
+  return state
+
+
+def _summaries(exp: Experiment, state: state_lib.TrainState) -> dict[str, Any]:
+  plan = exp.plan
+  num_test = exp.test[4]
+  per_seed = [metrics.summarize(np.asarray(state.correct_tag[s]), np.asarray(state.correct_taw[s]),
+                                num_test, plan.task_sizes, plan.train_counts)
+              for s in range(len(exp.seeds))]
+  results = dict(per_seed[0]) if len(per_seed) == 1 else _mean_over_seeds(per_seed)
+  if len(per_seed) > 1:
+    results["per_seed"] = per_seed
+  results["seeds"] = list(exp.seeds)
+  results["task_sizes"] = list(plan.task_sizes)
+  results["class_order"] = [int(c) for c in plan.class_order]
+  results["train_counts"] = [int(c) for c in plan.train_counts]
+  return results
+
+
+def _mean_over_seeds(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
+  """Mean of every numeric entry over seeds, and ``<key>_std`` for the scalar ones."""
+  out = {}
+  for key, value in per_seed[0].items():
+    values = [r[key] for r in per_seed]
+    if isinstance(value, dict):
+      out[key] = _mean_over_seeds(values)
+      continue
+    try:
+      arr = np.asarray([np.asarray(v, dtype=np.float64) if v is not None else np.nan
+                        for v in values], dtype=np.float64)
+    except (TypeError, ValueError):
+      out[key] = value
+      continue
+    out[key] = np.nanmean(arr, axis=0).tolist() if arr.ndim > 1 else float(np.nanmean(arr))
+    if arr.ndim == 1:
+      out[key + "_std"] = float(np.nanstd(arr))
+  return out
+
+
+def run(config: ml_collections.ConfigDict, workdir: str,
+        on_epoch: Optional[EpochHook] = None) -> dict[str, Any]:
+  """Runs (or resumes) the whole protocol; returns the results written to ``results.json``."""
+  parallel.initialize_distributed()
+  os.makedirs(workdir, exist_ok=True)
+  exp = build_experiment(config)
+  config_dict = config.to_dict()
+  checkpointer = ckpt.Checkpointer(workdir, config_dict, keep=config.checkpoint.keep)
+  state = init_state(exp)
+  restored = checkpointer.restore(ckpt.abstract_like(state))
+  wall_offset = 0.0
+  if restored is not None:
+    state, wall_offset = restored
+    logging.info("resumed from %s at phase %d epoch %d", checkpointer.directory,
+                 int(state.phase[0]), int(state.epoch[0]))
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    json.dump(config_dict, f, indent=2, default=str)
+  started = time.time()
+  elapsed = lambda: wall_offset + time.time() - started
+  optim = config.optim
+  epochs_per_phase = optim.epochs
+  plan = exp.plan
+  try:
+    with report.MetricWriter(workdir) as writer:
+      while int(state.phase[0]) < plan.num_phases:
+        phase = int(state.phase[0])
+        fns = exp.incremental_steps if phase else exp.base_steps
+        data = _phase_data(exp, state, phase)
+        consts = _constants(exp, phase)
+        teacher = (state.teacher_params, state.teacher_batch_stats)
+        while int(state.epoch[0]) < epochs_per_phase:
+          epoch = int(state.epoch[0])
+          lr = _learning_rate(optim, epoch)
+          keys = jax.vmap(lambda k: jax.random.fold_in(jax.random.fold_in(
+              jax.random.wrap_key_data(k), phase), epoch))(state.key)
+          tic = time.time()
+          carry = (state.params, state.batch_stats, state.opt_state, state.step)
+          carry, epoch_metrics = fns.train_epoch(carry, teacher, data, consts, keys,
+                                                 jnp.float32(lr))
+          epoch_metrics = jax.tree.map(np.asarray, epoch_metrics)
+          seconds = time.time() - tic
+          loss = epoch_metrics["loss"]
+          if not np.all(np.isfinite(loss)):
+            raise FloatingPointError(
+                f"non-finite loss {loss.tolist()} in phase {phase}, epoch {epoch} (lr {lr}); the "
+                f"last good checkpoint in {checkpointer.directory} is intact. Lower "
+                "config.optim.learning_rate or check the input data, then rerun to resume.")
+          params, batch_stats, opt_state, step = carry
+          state = state.replace(params=params, batch_stats=batch_stats, opt_state=opt_state,
+                                step=step, epoch=state.epoch + 1)
+          images = float(epoch_metrics["examples"].sum())
+          scalars = {f"train/{k}": float(np.mean(v)) for k, v in epoch_metrics.items()
+                     if k != "examples"}
+          scalars.update({"train/lr": lr, "train/images_per_s": images / max(seconds, 1e-9)})
+          writer.write_scalars(int(step[0]), scalars, phase=phase, epoch=epoch)
+          if on_epoch is not None:
+            on_epoch({"phase": phase, "epoch": epoch, "epochs": epochs_per_phase,
+                      "phases": plan.num_phases, **scalars})
+          done = epoch + 1
+          if done % config.checkpoint.every_epochs == 0 and done < epochs_per_phase:
+            checkpointer.save(phase * (epochs_per_phase + 1) + done, state, elapsed())
+        state = _finish_phase(exp, state, phase)
+        checkpointer.save((phase + 1) * (epochs_per_phase + 1), state, elapsed())
+        acc = np.asarray(state.correct_tag[:, phase]).sum(-1) / max(
+            1, exp.test[4][:plan.class_range(phase)[1]].sum())
+        writer.write_scalars(int(state.step[0]), {"eval/acc_tag_weighted": 100 * float(acc.mean())},
+                             phase=phase)
+  finally:
+    checkpointer.close()
+  results = _summaries(exp, state)
+  results["config"] = config_dict
+  results["wall_time_s"] = elapsed()
+  results["devices"] = [str(d) for d in exp.mesh.devices.flat]
+  report.write_results(workdir, results)
+  report.plot_results(workdir, results, list(plan.train_counts))
+  return results

@@ -1,0 +1,75 @@
+r"""Runs one gr_jax experiment: ``python launch/run.py --config=configs/cifar100_lt.py[:presets]``.
+
+Flags: ``--config.<key>=<value>`` overrides any config entry; ``--workdir`` (default
+``runs/<config name>-<presets>``) receives checkpoints, results.json, metrics.jsonl, TensorBoard
+events and accuracy.png. Rerunning with the same workdir resumes from the latest checkpoint.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app  # pylint: disable=g-import-not-at-top
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+import tqdm
+
+from gr_jax import trainer
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file[:presets].",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config>).")
+flags.mark_flags_as_required(["config"])
+
+
+class _Progress:
+  """One tqdm bar per phase, advanced by the trainer's per-epoch hook."""
+
+  def __init__(self):
+    self._bar = None
+    self._phase = None
+
+  def __call__(self, m):
+    if m["phase"] != self._phase:
+      self.close()
+      self._phase = m["phase"]
+      self._bar = tqdm.tqdm(total=m["epochs"], initial=m["epoch"], unit="epoch",
+                            desc=f"phase {m['phase'] + 1}/{m['phases']}", dynamic_ncols=True)
+    self._bar.set_postfix(loss=f"{m['train/loss']:.3f}", lr=m["train/lr"],
+                          img_s=f"{m['train/images_per_s']:.0f}")
+    self._bar.update(1)
+
+  def close(self):
+    if self._bar is not None:
+      self._bar.close()
+
+
+def _default_workdir() -> str:
+  """runs/<config file stem>[-<presets>], e.g. runs/cifar100_lt-lfh50_10x5-finetune."""
+  flag = flags.FLAGS["config"]
+  stem = os.path.splitext(os.path.basename(config_flags.get_config_filename(flag)))[0]
+  presets = flag.serialize().partition(":")[2]
+  return os.path.join("runs", stem + (f"-{presets.replace(',', '-')}" if presets else ""))
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  workdir = _WORKDIR.value or _default_workdir()
+  progress = _Progress()
+  try:
+    results = trainer.run(_CONFIG.value, workdir, on_epoch=progress)
+  except (ValueError, FileNotFoundError, FloatingPointError) as err:
+    # Input and numerical errors: the message says what to fix; no traceback needed.
+    raise SystemExit(f"error: {err}") from None
+  finally:
+    progress.close()
+  logging.info("results in %s", os.path.join(workdir, "results.json"))
+  print(f"average incremental accuracy {results['average_incremental_accuracy']:.2f}%  "
+        f"last accuracy {results['last_accuracy']:.2f}%  ({workdir}/results.json)")
+
+
+if __name__ == "__main__":
+  app.run(main)

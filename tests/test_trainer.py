@@ -1,0 +1,203 @@
+"""The trainer end to end on real CIFAR-100: outputs, resume, compilation count, errors, baselines."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from configs import cifar100_lt
+from gr_jax import state as state_lib
+from gr_jax import steps
+from gr_jax import trainer
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def tiny_config(npz, **overrides):
+  """Three phases (4 + 2 × 3 classes of CIFAR-100-LT), ResNet-8, 2 epochs, a few images a class."""
+  c = cifar100_lt.get_config("smoke")
+  c.data.source = "npz"
+  c.data.path = str(npz)
+  c.model = "resnet8"
+  c.protocol.num_classes = 10
+  c.protocol.nc_first_task = 4
+  c.protocol.num_tasks = 3
+  c.protocol.max_train_per_class = 12
+  c.protocol.max_test_per_class = 6
+  c.optim.batch_size = 16
+  c.optim.epochs = 2
+  c.optim.milestones = (1,)
+  c.memory.per_class = 5
+  c.eval_chunk = 16
+  c.checkpoint.every_epochs = 1
+  for key, value in overrides.items():
+    target = c
+    *path, last = key.split(".")
+    for p in path:
+      target = target[p]
+    target[last] = value
+  return c
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(cifar100_npz, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("full")
+  config = tiny_config(cifar100_npz)
+  exp_results = trainer.run(config, str(workdir))
+  return workdir, exp_results
+
+
+def test_run_writes_every_output(uninterrupted):
+  workdir, results = uninterrupted
+  for name in ("results.json", "metrics.jsonl", "accuracy.png", "config.json"):
+    assert (workdir / name).stat().st_size > 0, name
+  assert list((workdir / "tensorboard").iterdir())
+  saved = json.loads((workdir / "results.json").read_text())
+  for key in ("acc_tag", "acc_taw", "avg_acc_per_phase", "avg_acc_per_phase_weighted",
+              "average_incremental_accuracy", "last_accuracy", "forgetting",
+              "per_class_accuracy", "config", "wall_time_s"):
+    assert key in saved, key
+  phases = len(saved["task_sizes"])
+  assert np.asarray(saved["acc_tag"], dtype=float).shape == (phases, phases)
+  assert saved["average_incremental_accuracy"] == pytest.approx(
+      np.mean(saved["avg_acc_per_phase"]))
+  lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  train = [l for l in lines if "train/loss" in l]
+  assert len(train) == phases * 2
+  assert all(np.isfinite(l["train/loss"]) and l["train/images_per_s"] > 0 for l in train)
+  # Phases >= 1 distil: their KD loss is positive, the base phase has none.
+  assert all(l["train/loss_kd"] == 0 for l in train if l["phase"] == 0)
+  assert all(l["train/loss_kd"] > 0 for l in train if l["phase"] > 0)
+  assert (workdir / "checkpoints").is_dir()
+
+
+def test_kill_and_resume_is_bit_identical(cifar100_npz, tmp_path, uninterrupted):
+  _, reference = uninterrupted
+  config = tiny_config(cifar100_npz)
+
+  class Killed(Exception):
+    pass
+
+  def kill(m):
+    if m["phase"] == 1 and m["epoch"] == 0:
+      raise Killed()
+
+  with pytest.raises(Killed):
+    trainer.run(config, str(tmp_path), on_epoch=kill)
+  resumed = trainer.run(config, str(tmp_path))
+  for key in ("acc_tag", "acc_taw", "per_class_accuracy", "average_incremental_accuracy"):
+    np.testing.assert_array_equal(np.asarray(resumed[key], dtype=float),
+                                  np.asarray(reference[key], dtype=float), err_msg=key)
+  lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  full = [json.loads(l) for l in (uninterrupted[0] / "metrics.jsonl").read_text().splitlines()]
+  last = lambda ls: [l["train/loss"] for l in ls if "train/loss" in l][-1]
+  assert last(lines) == last(full)
+
+
+def test_workdir_of_another_config_is_refused(cifar100_npz, uninterrupted):
+  workdir, _ = uninterrupted
+  before = sorted(os.listdir(workdir / "checkpoints"))
+  other = tiny_config(cifar100_npz, **{"optim.learning_rate": 0.05})
+  with pytest.raises(ValueError, match="different config.*optim"):
+    trainer.run(other, str(workdir))
+  assert sorted(os.listdir(workdir / "checkpoints")) == before
+
+
+def test_one_compilation_per_step_kind(cifar100_npz):
+  exp = trainer.build_experiment(tiny_config(cifar100_npz))
+  state = trainer.init_state(exp)
+  for phase in range(exp.plan.num_phases):
+    fns = exp.incremental_steps if phase else exp.base_steps
+    data = trainer._phase_data(exp, state, phase)  # pylint: disable=protected-access
+    consts = trainer._constants(exp, phase)  # pylint: disable=protected-access
+    carry = (state.params, state.batch_stats, state.opt_state, state.step)
+    keys = jnp.stack([jax.random.key_data(jax.random.key(phase))])
+    keys = jax.vmap(jax.random.wrap_key_data)(keys)
+    carry, _ = fns.train_epoch(carry, (state.teacher_params, state.teacher_batch_stats), data,
+                               consts, keys, jnp.float32(0.1))
+    state = state.replace(params=carry[0], batch_stats=carry[1], opt_state=carry[2],
+                          step=carry[3], epoch=state.epoch + exp.config.optim.epochs)
+    state = trainer._finish_phase(exp, state, phase)  # pylint: disable=protected-access
+  for fns in (exp.base_steps, exp.incremental_steps):
+    for compiled in fns.compiled:
+      assert compiled._cache_size() == 1  # pylint: disable=protected-access
+
+
+def test_disabled_reweighting_equals_plain_sgd(cifar100_npz):
+  """Base phase, no GR / prior: the epoch equals a hand-written optax SGD loop on the same batches."""
+  config = tiny_config(cifar100_npz, **{"method.reweighting": "none", "method.kd": "none",
+                                        "method.logit_prior": False, "optim.clip_norm": 0.0})
+  exp = trainer.build_experiment(config)
+  state = trainer.init_state(exp)
+  data = trainer._phase_data(exp, state, 0)  # pylint: disable=protected-access
+  consts = trainer._constants(exp, 0)  # pylint: disable=protected-access
+  keys = jax.random.split(jax.random.key(7), 1)
+  key = keys[0]
+  carry = (state.params, state.batch_stats, state.opt_state, state.step)
+  (params, _, _, _), _ = exp.base_steps.train_epoch(
+      jax.tree.map(jnp.copy, carry), (state.teacher_params, state.teacher_batch_stats), data,
+      consts, keys, jnp.float32(0.1))
+
+  from gr_jax.data import augment  # pylint: disable=g-import-not-at-top
+  train_aug, _ = augment.get_augmentation("cifar", 32)
+  model, batch = exp.model, config.optim.batch_size
+  tx = optax.chain(optax.add_decayed_weights(config.optim.weight_decay),
+                   optax.sgd(0.1, momentum=config.optim.momentum))
+  p = jax.tree.map(lambda a: a[0], state.params)
+  bs = jax.tree.map(lambda a: a[0], state.batch_stats)
+  opt = tx.init(p)
+  size = int(data.size)
+  seen = np.asarray(consts.new_classes)
+  order_key, aug_key = jax.random.split(key)
+  capacity = data.labels.shape[1]
+  u = jax.random.uniform(order_key, (capacity,))
+  order = np.asarray(jnp.argsort(jnp.where(jnp.arange(capacity) < size, u, 2.0)))
+
+  @jax.jit
+  def sgd_step(p, bs, opt, x, y, mask, i):
+    x = train_aug(jax.random.fold_in(aug_key, i), x)
+
+    def loss_fn(p):
+      (_, logits), new = model.apply({"params": p, "batch_stats": bs}, x, train=True, mask=mask,
+                                     mutable=["batch_stats"])
+      logits = jnp.where(seen, logits, -1e30)
+      ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+      return jnp.sum(ce * mask) / jnp.sum(mask), new["batch_stats"]
+
+    grads, bs = jax.grad(loss_fn, has_aux=True)(p)
+    updates, opt = tx.update(grads, opt, p)
+    return optax.apply_updates(p, updates), bs, opt
+
+  for i in range(-(-size // batch)):
+    idx = order[i * batch:(i + 1) * batch]
+    mask = i * batch + np.arange(batch) < size
+    p, bs, opt = sgd_step(p, bs, opt, data.images[0][idx], data.labels[0][idx], mask, i)
+  for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(p)):
+    np.testing.assert_allclose(np.asarray(got[0]), np.asarray(want), rtol=2e-4, atol=2e-5)
+
+
+def _launch(*args, cwd=REPO, timeout=300):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "launch/run.py", *args], cwd=cwd, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def test_launch_reports_config_errors(cifar100_npz, tmp_path):
+  base = ["--config=configs/cifar100_lt.py:smoke", "--config.data.source=npz",
+          f"--config.data.path={cifar100_npz}", f"--workdir={tmp_path}"]
+  unknown = _launch(*base, "--config.optim.not_a_key=1")
+  assert unknown.returncode != 0 and "not_a_key" in unknown.stderr
+  split = _launch(*base, "--config.protocol.num_tasks=7", "--config.protocol.nc_first_task=50")
+  assert split.returncode != 0 and "split evenly" in split.stderr
+  missing = _launch("--config=configs/cifar100_lt.py:smoke", "--config.data.source=npz",
+                    "--config.data.path=/nonexistent/cifar.npz", f"--workdir={tmp_path}")
+  assert missing.returncode != 0 and "/nonexistent/cifar.npz" in missing.stderr
+  budget = _launch(*base, "--config.memory.per_class=0")
+  assert budget.returncode != 0 and "positive integer" in budget.stderr
