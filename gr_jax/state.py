@@ -5,7 +5,7 @@ Every leaf is an array with a leading seed axis ``S`` (independent runs trained 
 restored state continues bit-identically.
 """
 
-from typing import Any, Callable
+from typing import Any
 
 import flax.linen as nn
 import flax.struct
@@ -100,8 +100,9 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, key: 
       params=params,
       batch_stats=batch_stats,
       opt_state=tx.init(params),
-      teacher_params=params,
-      teacher_batch_stats=batch_stats,
+      # Own buffers: train steps donate params and batch stats, the teacher must not alias them.
+      teacher_params=jax.tree.map(jnp.copy, params),
+      teacher_batch_stats=jax.tree.map(jnp.copy, batch_stats),
       key=jax.random.key_data(run_key),
       phase=jnp.zeros((), jnp.int32),
       epoch=jnp.zeros((), jnp.int32),
@@ -110,8 +111,3 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, key: 
       train_counts=jnp.asarray(train_counts, jnp.int32),
       correct_tag=jnp.zeros((num_phases, num_classes), jnp.int32),
       correct_taw=jnp.zeros((num_phases, num_classes), jnp.int32))
-
-
-def map_seeds(fn: Callable[..., Any], *args, **kwargs):
-  """``vmap`` over the leading seed axis of every argument."""
-  return jax.vmap(lambda *a: fn(*a, **kwargs))(*args)

@@ -1,0 +1,133 @@
+r"""Throughput and protocol-time benchmark: ``python launch/bench.py --config=configs/cifar100_lt.py``.
+
+Measures, on the current device, images/s of the training step for: the plain CE step (no
+reweighting, no prior), the GR step (phase 0), the plain step with a teacher and KD (phase >= 1)
+and the DGR step with teacher (phase >= 1); the overhead ratios; compile time; peak device memory.
+With ``--protocol`` it also runs the config's whole protocol through the trainer and records its
+wall time. Writes one JSON record (``--out``) with the device name, date and git commit.
+"""
+
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app  # pylint: disable=g-import-not-at-top
+from absl import flags
+import jax
+import jax.numpy as jnp
+from ml_collections import config_flags
+import numpy as np
+
+from gr_jax import models
+from gr_jax import state as state_lib
+from gr_jax import steps
+from gr_jax import trainer
+from gr_jax.data import augment
+from gr_jax.phase_constants import phase_constants
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:presets].")
+_OUT = flags.DEFINE_string("out", "bench.json", "Where to write the JSON record.")
+_STEPS = flags.DEFINE_integer("steps", 40, "Steps per timed epoch.")
+_EPOCHS = flags.DEFINE_integer("epochs", 3, "Timed epochs per variant (after one warm-up).")
+_PROTOCOL = flags.DEFINE_bool("protocol", False, "Also time the config's whole protocol.")
+_WORKDIR = flags.DEFINE_string("workdir", "runs/bench", "Workdir of the protocol run.")
+flags.mark_flags_as_required(["config"])
+
+VARIANTS = {
+    # name: (Method, incremental phase)
+    "plain": (steps.Method(reweighting="none", kd="none", logit_prior=False), False),
+    "gr": (steps.Method(reweighting="dgr", kd="none"), False),
+    "plain_teacher": (steps.Method(reweighting="none", kd="plain", logit_prior=False), True),
+    "dgr": (steps.Method(reweighting="dgr", kd="dakd"), True),
+}
+
+
+def _commit() -> str:
+  try:
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                          check=True, cwd=os.path.dirname(__file__)).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return "unknown"
+
+
+def time_variant(config, name: str, num_seeds: int) -> dict:
+  """images/s of one step kind on synthetic uint8 data resident on the device."""
+  method, incremental = VARIANTS[name]
+  num_classes, batch = 100, config.optim.batch_size
+  size = config.data.image_size
+  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.dtype]
+  model = models.create_model(config.model, num_classes, dtype)
+  tx = state_lib.make_optimizer(reweighting=method.reweighting != "none",
+                                weight_decay=config.optim.weight_decay,
+                                momentum=config.optim.momentum, clip_norm=config.optim.clip_norm)
+  train_aug, test_aug = augment.get_augmentation(config.augment, size)
+  capacity = batch * _STEPS.value
+  fns = steps.make_step_fns(model, tx, method, train_aug, test_aug, batch_size=batch,
+                            num_steps=_STEPS.value, incremental=incremental, epoch_as_scan=True)
+  keys = jax.random.split(jax.random.key(0), num_seeds)
+  counts = np.concatenate([np.full(50, 500), np.full(50, 100)])
+  consts = phase_constants(counts, 50 if incremental else 0, 5 if incremental else 50, 20)
+  state = jax.jit(jax.vmap(lambda k: state_lib.create_train_state(
+      model, tx, k, (size, size, 3), 2, 20, jnp.asarray(counts))))(keys)
+  rng = np.random.default_rng(0)
+  high = 55 if incremental else 50
+  data = steps.PhaseData(
+      jnp.asarray(rng.integers(0, 256, (num_seeds, capacity, size, size, 3), np.uint8)),
+      jnp.asarray(rng.integers(0, high, (num_seeds, capacity), np.int32)), jnp.int32(capacity))
+  teacher = (state.teacher_params, state.teacher_batch_stats)
+  carry = (state.params, state.batch_stats, state.opt_state, state.step)
+  tic = time.perf_counter()
+  carry, m = fns.train_epoch(carry, teacher, data, consts, keys, jnp.float32(0.1))
+  jax.block_until_ready(m)
+  compile_and_first = time.perf_counter() - tic
+  times = []
+  for _ in range(_EPOCHS.value):
+    tic = time.perf_counter()
+    carry, m = fns.train_epoch(carry, teacher, data, consts, keys, jnp.float32(0.1))
+    jax.block_until_ready(m)
+    times.append(time.perf_counter() - tic)
+  best = min(times)
+  return {"images_per_s": num_seeds * capacity / best, "epoch_s": best,
+          "compile_and_first_epoch_s": compile_and_first,
+          "loss": float(np.mean(m["loss"]))}
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  device = jax.devices()[0]
+  record = {"device": device.device_kind, "platform": device.platform,
+            "num_devices": jax.device_count(), "jax": jax.__version__,
+            "date": datetime.date.today().isoformat(), "commit": _commit(),
+            "model": config.model, "image_size": config.data.image_size,
+            "batch_size": config.optim.batch_size, "dtype": config.dtype, "steps": {}}
+  seeds = len(trainer.parse_seeds(config))
+  for name in VARIANTS:
+    record["steps"][name] = time_variant(config, name, seeds)
+    print(name, json.dumps(record["steps"][name]), flush=True)
+  s = record["steps"]
+  record["overhead_gr_vs_plain"] = s["plain"]["images_per_s"] / s["gr"]["images_per_s"] - 1
+  record["overhead_dgr_vs_plain_teacher"] = (
+      s["plain_teacher"]["images_per_s"] / s["dgr"]["images_per_s"] - 1)
+  stats = device.memory_stats() or {}
+  record["peak_memory_gib"] = stats.get("peak_bytes_in_use", 0) / 2**30
+  if _PROTOCOL.value:
+    tic = time.perf_counter()
+    results = trainer.run(config, _WORKDIR.value)
+    record["protocol"] = {
+        "wall_time_s": time.perf_counter() - tic, "seeds": results["seeds"],
+        "average_incremental_accuracy": results["average_incremental_accuracy"],
+        "last_accuracy": results["last_accuracy"], "workdir": _WORKDIR.value}
+    record["peak_memory_gib"] = (device.memory_stats() or {}).get("peak_bytes_in_use", 0) / 2**30
+  with open(_OUT.value, "w") as f:
+    json.dump(record, f, indent=2)
+  print(json.dumps(record, indent=2))
+
+
+if __name__ == "__main__":
+  app.run(main)
