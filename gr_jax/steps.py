@@ -1,4 +1,4 @@
-"""Pure train / eval steps: an epoch is one ``lax.scan`` over device-resident data.
+"""Pure train / eval steps: epochs are ``lax.scan``s over device-resident data.
 
 Gradients (docs/method.md §3–§4): the backbone runs forward once and its VJP is kept; the classifier
 head is differentiated twice, once for L_CE and once for L_KD, so the CE and KD gradients of the
@@ -202,6 +202,20 @@ def train_epoch(carry, teacher, data: PhaseData, consts: PhaseConstants, key, le
   return _epoch_end(carry, consts)
 
 
+def train_epochs(carry, teacher, data: PhaseData, consts: PhaseConstants, keys, learning_rates,
+                 **epoch_kwargs):
+  """Several epochs in one compiled call (``lax.scan`` over :func:`train_epoch`).
+
+  ``keys`` and ``learning_rates`` hold one entry per epoch; the metrics come back stacked the same
+  way. Running the epochs between two checkpoints in one call keeps the host out of the loop.
+  """
+  def one_epoch(c, key_and_lr):
+    key, lr = key_and_lr
+    return train_epoch(c, teacher, data, consts, key, lr, **epoch_kwargs)
+
+  return jax.lax.scan(one_epoch, carry, (keys, learning_rates))
+
+
 def _find_gr_state(opt_state):
   for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, GradientReweightingState)):
     if isinstance(s, GradientReweightingState):
@@ -231,12 +245,13 @@ def extract_features(params, batch_stats, images, *, model, augment, mesh=None):
 class StepFns(NamedTuple):
   """The compiled functions of one step kind (base or incremental phase), all seed-vmapped.
 
-  ``train_epoch(carry, teacher, data, consts, keys, lr) -> (carry, metrics)`` runs one epoch: as
-  one ``lax.scan`` (``epoch_as_scan``, the fast path on GPU/TPU) or as a host loop over a jitted
-  step (XLA:CPU runs convolutions inside loops an order of magnitude slower). ``evaluate`` and
-  ``features`` take chunks of images; ``compiled`` lists the jitted functions (for trace checks).
+  ``train_epochs(carry, teacher, data, consts, keys [S, E], lrs [E]) -> (carry, metrics [S, E])``
+  runs E epochs: as one ``lax.scan`` (``epoch_as_scan``, the fast path on GPU/TPU) or as a host
+  loop over a jitted step (XLA:CPU runs convolutions inside loops an order of magnitude slower).
+  ``evaluate`` and ``features`` take chunks of images; ``compiled`` lists the jitted functions
+  (for trace checks).
   """
-  train_epoch: Callable[..., Any]
+  train_epochs: Callable[..., Any]
   evaluate: Callable[..., Any]
   features: Callable[..., Any]
   compiled: tuple[Any, ...]
@@ -255,10 +270,10 @@ def make_step_fns(model, tx, method: Method, train_augment, test_augment, *, bat
       functools.partial(extract_features, model=model, augment=test_augment, mesh=mesh),
       in_axes=(0, 0, 0)))
   if epoch_as_scan:
-    epoch = jax.jit(jax.vmap(
-        functools.partial(train_epoch, num_steps=num_steps, **step_kwargs),
+    epochs = jax.jit(jax.vmap(
+        functools.partial(train_epochs, num_steps=num_steps, **step_kwargs),
         in_axes=(0, 0, data_axes, None, 0, None)), donate_argnums=(0,))
-    return StepFns(epoch, evaluate_fn, features_fn, (epoch, evaluate_fn, features_fn))
+    return StepFns(epochs, evaluate_fn, features_fn, (epochs, evaluate_fn, features_fn))
 
   capacity = num_steps * batch_size
   start = jax.jit(jax.vmap(functools.partial(_epoch_start, capacity=capacity),
@@ -267,10 +282,14 @@ def make_step_fns(model, tx, method: Method, train_augment, test_augment, *, bat
                           in_axes=(0, None, 0, 0, 0, data_axes, None)), donate_argnums=(0,))
   end = jax.jit(jax.vmap(_epoch_end, in_axes=(0, None)), donate_argnums=(0,))
 
-  def looped_epoch(carry, teacher, data, consts, keys, learning_rate):
-    carry, order, aug_key = start(carry, keys, learning_rate, data.size)
-    for i in range(-(-int(data.size) // batch_size)):
-      carry = step(carry, jnp.int32(i), order, aug_key, teacher, data, consts)
-    return end(carry, consts)
+  def looped_epochs(carry, teacher, data, consts, keys, learning_rates):
+    per_epoch = []
+    for e in range(keys.shape[1]):
+      carry, order, aug_key = start(carry, keys[:, e], learning_rates[e], data.size)
+      for i in range(-(-int(data.size) // batch_size)):
+        carry = step(carry, jnp.int32(i), order, aug_key, teacher, data, consts)
+      carry, m = end(carry, consts)
+      per_epoch.append(m)
+    return carry, jax.tree.map(lambda *m: jnp.stack(m, axis=1), *per_epoch)
 
-  return StepFns(looped_epoch, evaluate_fn, features_fn, (step, evaluate_fn, features_fn))
+  return StepFns(looped_epochs, evaluate_fn, features_fn, (step, evaluate_fn, features_fn))

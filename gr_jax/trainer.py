@@ -49,6 +49,8 @@ class Experiment:
   test: tuple[Any, ...]
   base_steps: steps.StepFns
   incremental_steps: steps.StepFns
+  reinit_heads: Callable[..., Any]
+  init_optimizer: Callable[..., Any]
 
 
 def parse_seeds(config) -> tuple[int, ...]:
@@ -111,9 +113,19 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
   make = lambda incremental: steps.make_step_fns(
       model, tx, method, train_aug, test_aug, batch_size=batch, num_steps=capacity // batch,
       incremental=incremental, epoch_as_scan=scan, mesh=step_mesh)
+  shape = (d.image_size, d.image_size, 3)
+
+  def reinit(params, key_data, new_classes, phase):
+    key = jax.random.fold_in(jax.random.wrap_key_data(key_data), 1000 + phase)
+    fresh, _ = state_lib.init_variables(model, key, shape)
+    return dict(params, classifier=jax.tree.map(
+        lambda old, f: jnp.where(new_classes, f, old), params["classifier"], fresh["classifier"]))
+
   return Experiment(config=config, dataset=dataset, plan=plan, seeds=parse_seeds(config),
                     model=model, tx=tx, method=method, mesh=mesh, capacity=capacity, test=test,
-                    base_steps=make(False), incremental_steps=make(True))
+                    base_steps=make(False), incremental_steps=make(True),
+                    reinit_heads=jax.jit(jax.vmap(reinit, in_axes=(0, 0, None, None))),
+                    init_optimizer=jax.jit(jax.vmap(tx.init)))
 
 
 def validate_config(config) -> None:
@@ -151,6 +163,14 @@ def _eval_chunk(config, mesh) -> int:
 
 def _chunks(n: int, chunk: int):
   return [slice(i, i + chunk) for i in range(0, n, chunk)]
+
+
+def _epoch_keys(key_data, phase: int, epoch: int, count: int) -> jax.Array:
+  """``[S, count]`` keys of epochs ``epoch..epoch+count-1``: fold_in(fold_in(seed key, phase), e)."""
+  def seed_keys(k):
+    phase_key = jax.random.fold_in(jax.random.wrap_key_data(k), phase)
+    return jax.vmap(lambda e: jax.random.fold_in(phase_key, e))(epoch + jnp.arange(count))
+  return jax.vmap(seed_keys)(key_data)
 
 
 def _learning_rate(optim, epoch: int) -> float:
@@ -206,16 +226,9 @@ def _fresh_heads(exp: Experiment, state: state_lib.TrainState, phase: int):
   by weight decay while unseen).
   """
   start, stop = exp.plan.class_range(phase)
-  new = (np.arange(exp.plan.num_classes) >= start) & (np.arange(exp.plan.num_classes) < stop)
-  shape = (exp.config.data.image_size,) * 2 + (3,)
-
-  def reinit(params, key_data):
-    key = jax.random.fold_in(jax.random.wrap_key_data(key_data), 1000 + phase)
-    fresh, _ = state_lib.init_variables(exp.model, key, shape)
-    return dict(params, classifier=jax.tree.map(
-        lambda old, f: jnp.where(new, f, old), params["classifier"], fresh["classifier"]))
-
-  return jax.jit(jax.vmap(reinit))(state.params, state.key)
+  position = np.arange(exp.plan.num_classes)
+  new = jnp.asarray((position >= start) & (position < stop))
+  return exp.reinit_heads(state.params, state.key, new, jnp.int32(phase))
 
 
 def _finish_phase(exp: Experiment, state: state_lib.TrainState, phase: int):
@@ -257,7 +270,7 @@ def _finish_phase(exp: Experiment, state: state_lib.TrainState, phase: int):
       phase=state.phase + 1, epoch=jnp.zeros_like(state.epoch))
   if phase + 1 < plan.num_phases:
     params = _fresh_heads(exp, state, phase + 1)
-    state = state.replace(params=params, opt_state=jax.jit(jax.vmap(exp.tx.init))(params))
+    state = state.replace(params=params, opt_state=exp.init_optimizer(params))
   return state
 
 
@@ -329,35 +342,41 @@ def run(config: ml_collections.ConfigDict, workdir: str,
         teacher = (state.teacher_params, state.teacher_batch_stats)
         while int(state.epoch[0]) < epochs_per_phase:
           epoch = int(state.epoch[0])
-          lr = _learning_rate(optim, epoch)
-          keys = jax.vmap(lambda k: jax.random.fold_in(jax.random.fold_in(
-              jax.random.wrap_key_data(k), phase), epoch))(state.key)
+          # Epochs up to the next checkpoint run as one compiled call.
+          every = config.checkpoint.every_epochs
+          count = min(every - epoch % every, epochs_per_phase - epoch)
+          lrs = [_learning_rate(optim, e) for e in range(epoch, epoch + count)]
           tic = time.time()
           carry = (state.params, state.batch_stats, state.opt_state, state.step)
-          carry, epoch_metrics = fns.train_epoch(carry, teacher, data, consts, keys,
-                                                 jnp.float32(lr))
-          epoch_metrics = jax.tree.map(np.asarray, epoch_metrics)
+          carry, chunk_metrics = fns.train_epochs(
+              carry, teacher, data, consts, _epoch_keys(state.key, phase, epoch, count),
+              jnp.asarray(lrs, jnp.float32))
+          chunk_metrics = jax.tree.map(np.asarray, chunk_metrics)  # [S, count] each
           seconds = time.time() - tic
-          loss = epoch_metrics["loss"]
+          loss = chunk_metrics["loss"]
           if not np.all(np.isfinite(loss)):
+            bad = epoch + int(np.argmax(~np.isfinite(loss).all(axis=0)))
             raise FloatingPointError(
-                f"non-finite loss {loss.tolist()} in phase {phase}, epoch {epoch} (lr {lr}); the "
-                f"last good checkpoint in {checkpointer.directory} is intact. Lower "
+                f"non-finite loss in phase {phase}, epoch {bad} (lr {_learning_rate(optim, bad)}); "
+                f"the last good checkpoint in {checkpointer.directory} is intact. Lower "
                 "config.optim.learning_rate or check the input data, then rerun to resume.")
           params, batch_stats, opt_state, step = carry
           state = state.replace(params=params, batch_stats=batch_stats, opt_state=opt_state,
-                                step=step, epoch=state.epoch + 1)
-          images = float(epoch_metrics["examples"].sum())
-          scalars = {f"train/{k}": float(np.mean(v)) for k, v in epoch_metrics.items()
-                     if k != "examples"}
-          scalars.update({"train/lr": lr, "train/images_per_s": images / max(seconds, 1e-9)})
-          writer.write_scalars(int(step[0]), scalars, phase=phase, epoch=epoch)
-          if on_epoch is not None:
-            on_epoch({"phase": phase, "epoch": epoch, "epochs": epochs_per_phase,
-                      "phases": plan.num_phases, **scalars})
-          done = epoch + 1
-          if done % config.checkpoint.every_epochs == 0 and done < epochs_per_phase:
-            checkpointer.save(phase * (epochs_per_phase + 1) + done, state, elapsed())
+                                step=step, epoch=state.epoch + count)
+          steps_per_epoch = -(-int(data.size) // config.optim.batch_size)
+          first_step = int(step[0]) - count * steps_per_epoch
+          for i in range(count):
+            scalars = {f"train/{k}": float(np.mean(v[:, i])) for k, v in chunk_metrics.items()
+                       if k != "examples"}
+            scalars.update({"train/lr": lrs[i], "train/images_per_s":
+                            float(chunk_metrics["examples"].sum()) / max(seconds, 1e-9)})
+            writer.write_scalars(first_step + (i + 1) * steps_per_epoch, scalars, phase=phase,
+                                 epoch=epoch + i)
+            if on_epoch is not None:
+              on_epoch({"phase": phase, "epoch": epoch + i, "epochs": epochs_per_phase,
+                        "phases": plan.num_phases, **scalars})
+          if epoch + count < epochs_per_phase:
+            checkpointer.save(phase * (epochs_per_phase + 1) + epoch + count, state, elapsed())
         state = _finish_phase(exp, state, phase)
         checkpointer.save((phase + 1) * (epochs_per_phase + 1), state, elapsed())
         acc = np.asarray(state.correct_tag[:, phase]).sum(-1) / max(

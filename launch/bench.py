@@ -82,13 +82,14 @@ def time_variant(config, name: str, num_seeds: int) -> dict:
   teacher = (state.teacher_params, state.teacher_batch_stats)
   carry = (state.params, state.batch_stats, state.opt_state, state.step)
   tic = time.perf_counter()
-  carry, m = fns.train_epoch(carry, teacher, data, consts, keys, jnp.float32(0.1))
+  epoch_keys, lrs = keys[:, None], jnp.full((1,), 0.1, jnp.float32)
+  carry, m = fns.train_epochs(carry, teacher, data, consts, epoch_keys, lrs)
   jax.block_until_ready(m)
   compile_and_first = time.perf_counter() - tic
   times = []
   for _ in range(_EPOCHS.value):
     tic = time.perf_counter()
-    carry, m = fns.train_epoch(carry, teacher, data, consts, keys, jnp.float32(0.1))
+    carry, m = fns.train_epochs(carry, teacher, data, consts, epoch_keys, lrs)
     jax.block_until_ready(m)
     times.append(time.perf_counter() - tic)
   best = min(times)

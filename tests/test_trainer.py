@@ -118,10 +118,9 @@ def test_one_compilation_per_step_kind(cifar100_npz):
     data = trainer._phase_data(exp, state, phase)  # pylint: disable=protected-access
     consts = trainer._constants(exp, phase)  # pylint: disable=protected-access
     carry = (state.params, state.batch_stats, state.opt_state, state.step)
-    keys = jnp.stack([jax.random.key_data(jax.random.key(phase))])
-    keys = jax.vmap(jax.random.wrap_key_data)(keys)
-    carry, _ = fns.train_epoch(carry, (state.teacher_params, state.teacher_batch_stats), data,
-                               consts, keys, jnp.float32(0.1))
+    keys = jax.random.split(jax.random.key(phase), 1)[:, None]
+    carry, _ = fns.train_epochs(carry, (state.teacher_params, state.teacher_batch_stats), data,
+                                consts, keys, jnp.full((1,), 0.1, jnp.float32))
     state = state.replace(params=carry[0], batch_stats=carry[1], opt_state=carry[2],
                           step=carry[3], epoch=state.epoch + exp.config.optim.epochs)
     state = trainer._finish_phase(exp, state, phase)  # pylint: disable=protected-access
@@ -141,9 +140,9 @@ def test_disabled_reweighting_equals_plain_sgd(cifar100_npz):
   keys = jax.random.split(jax.random.key(7), 1)
   key = keys[0]
   carry = (state.params, state.batch_stats, state.opt_state, state.step)
-  (params, _, _, _), _ = exp.base_steps.train_epoch(
+  (params, _, _, _), _ = exp.base_steps.train_epochs(
       jax.tree.map(jnp.copy, carry), (state.teacher_params, state.teacher_batch_stats), data,
-      consts, keys, jnp.float32(0.1))
+      consts, keys[:, None], jnp.full((1,), 0.1, jnp.float32))
 
   from gr_jax.data import augment  # pylint: disable=g-import-not-at-top
   train_aug, _ = augment.get_augmentation("cifar", 32)
