@@ -6,6 +6,7 @@ norms Φ, α, r and β of the reweighting, are those of the global batch, and Ba
 computed over the global batch (synchronised BN), so 1 and N devices agree up to float rounding.
 """
 
+import os
 from typing import Any
 
 import jax
@@ -18,9 +19,22 @@ DATA_AXIS = "data"
 
 
 def initialize_distributed() -> None:
-  """Joins a multi-host run when launched as one (no-op on a single host)."""
-  import os  # pylint: disable=g-import-not-at-top
-  if any(k in os.environ for k in ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS")):
+  """Joins a multi-host run when launched as one; a no-op on a single host.
+
+  Either set ``JAX_COORDINATOR_ADDRESS`` (host:port of process 0), ``JAX_NUM_PROCESSES`` and
+  ``JAX_PROCESS_ID`` on every host, or launch under a cluster manager JAX detects by itself
+  (Slurm with several tasks, Open MPI). See docs/multi_host.md.
+  """
+  env = os.environ
+  if env.get("JAX_COORDINATOR_ADDRESS"):
+    missing = [k for k in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID") if k not in env]
+    if missing:
+      raise ValueError(f"JAX_COORDINATOR_ADDRESS is set but {', '.join(missing)} is not: set "
+                       "JAX_NUM_PROCESSES and JAX_PROCESS_ID on every host (docs/multi_host.md)")
+    jax.distributed.initialize(coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
+                               num_processes=int(env["JAX_NUM_PROCESSES"]),
+                               process_id=int(env["JAX_PROCESS_ID"]))
+  elif int(env.get("SLURM_NTASKS", "1")) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
     jax.distributed.initialize()
 
 

@@ -269,8 +269,10 @@ def _finish_phase(exp: Experiment, state: state_lib.TrainState, phase: int):
       teacher_batch_stats=jax.tree.map(jnp.copy, state.batch_stats),
       phase=state.phase + 1, epoch=jnp.zeros_like(state.epoch))
   if phase + 1 < plan.num_phases:
-    params = _fresh_heads(exp, state, phase + 1)
-    state = state.replace(params=params, opt_state=exp.init_optimizer(params))
+    # Replicated like the rest of the state, so the next epoch call hits the compiled program.
+    params = parallel.replicate(_fresh_heads(exp, state, phase + 1), exp.mesh)
+    state = state.replace(params=params,
+                          opt_state=parallel.replicate(exp.init_optimizer(params), exp.mesh))
   return state
 
 

@@ -110,8 +110,9 @@ def test_workdir_of_another_config_is_refused(cifar100_npz, uninterrupted):
   assert sorted(os.listdir(workdir / "checkpoints")) == before
 
 
-def test_one_compilation_per_step_kind(cifar100_npz):
-  exp = trainer.build_experiment(tiny_config(cifar100_npz))
+@pytest.mark.parametrize("epoch_as_scan", ["false", "true"])
+def test_one_compilation_per_step_kind(cifar100_npz, epoch_as_scan):
+  exp = trainer.build_experiment(tiny_config(cifar100_npz, epoch_as_scan=epoch_as_scan))
   state = trainer.init_state(exp)
   for phase in range(exp.plan.num_phases):
     fns = exp.incremental_steps if phase else exp.base_steps
@@ -119,8 +120,9 @@ def test_one_compilation_per_step_kind(cifar100_npz):
     consts = trainer._constants(exp, phase)  # pylint: disable=protected-access
     carry = (state.params, state.batch_stats, state.opt_state, state.step)
     keys = jax.random.split(jax.random.key(phase), 1)[:, None]
-    carry, _ = fns.train_epochs(carry, (state.teacher_params, state.teacher_batch_stats), data,
-                                consts, keys, jnp.full((1,), 0.1, jnp.float32))
+    for _ in range(2):  # a second call must reuse the compiled program (same shardings)
+      carry, _ = fns.train_epochs(carry, (state.teacher_params, state.teacher_batch_stats), data,
+                                  consts, keys, jnp.full((1,), 0.1, jnp.float32))
     state = state.replace(params=carry[0], batch_stats=carry[1], opt_state=carry[2],
                           step=carry[3], epoch=state.epoch + exp.config.optim.epochs)
     state = trainer._finish_phase(exp, state, phase)  # pylint: disable=protected-access
