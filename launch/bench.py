@@ -52,7 +52,8 @@ def _commit() -> str:
     return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                           check=True, cwd=os.path.dirname(__file__)).stdout.strip()
   except (OSError, subprocess.CalledProcessError):
-    return "unknown"
+    # A copy of the tree without .git (e.g. on a remote GPU machine): say it via the environment.
+    return os.environ.get("GR_JAX_COMMIT", "unknown")
 
 
 def time_variant(config, name: str, num_seeds: int) -> dict:
