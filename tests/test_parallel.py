@@ -54,3 +54,11 @@ def test_indivisible_batch_is_refused(batch_size, size):
 @pytest.mark.parametrize("batch_size,size", [(16, 1), (16, 2), (16, 8), (24, 4)])
 def test_divisible_batch_is_accepted(batch_size, size):
   parallel.check_batch(batch_size, types.SimpleNamespace(size=size))
+
+
+def test_multi_host_env_without_process_count_is_a_clear_error(monkeypatch):
+  monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "127.0.0.1:1234")
+  monkeypatch.delenv("JAX_NUM_PROCESSES", raising=False)
+  monkeypatch.setenv("JAX_PROCESS_ID", "0")
+  with pytest.raises(ValueError, match="JAX_NUM_PROCESSES"):
+    parallel.initialize_distributed()
