@@ -202,3 +202,19 @@ def test_launch_reports_config_errors(cifar100_npz, tmp_path):
   assert missing.returncode != 0 and "/nonexistent/cifar.npz" in missing.stderr
   budget = _launch(*base, "--config.memory.per_class=0")
   assert budget.returncode != 0 and "positive integer" in budget.stderr
+
+
+def test_non_finite_loss_stops_with_clear_error_and_keeps_checkpoint(cifar100_npz, tmp_path):
+  """Epoch 0 trains normally (checkpointed); the lr then explodes and the loss becomes non-finite."""
+  config = tiny_config(cifar100_npz, **{"optim.milestones": (1,), "optim.lr_decay": 1e12})
+  with pytest.raises(FloatingPointError, match="non-finite loss in phase 0, epoch 1") as err:
+    trainer.run(config, str(tmp_path))
+  assert "checkpoint" in str(err.value)
+  from gr_jax import checkpoint as ckpt  # pylint: disable=g-import-not-at-top
+  checkpointer = ckpt.Checkpointer(str(tmp_path), config.to_dict())
+  assert checkpointer.latest_step() == 1  # after epoch 0 of phase 0
+  exp = trainer.build_experiment(config)
+  state, _ = checkpointer.restore(ckpt.abstract_like(trainer.init_state(exp)))
+  checkpointer.close()
+  assert int(state.epoch[0]) == 1 and int(state.phase[0]) == 0
+  assert all(np.all(np.isfinite(np.asarray(leaf))) for leaf in jax.tree.leaves(state.params))
