@@ -2,7 +2,7 @@
 
 Presets (comma-separated after the file name):
   scenario: shuffled (default) | ordered | conventional (balanced CIFAR-100)
-  split:    lfs20 (20 × 5, default) | lfh10 (50 + 5 × 10) | lfh5 ... see SPLITS below
+  split:    lfs20 (20 × 5, default) | lfh50_10x5 (50 + 10 × 5) | lfh50_5x10 (50 + 5 × 10)
   method:   dgr (default) | no_dgr | no_dakd | no_prior | finetune
   smoke:    1 epoch on a small slice of every class, every phase (CPU-friendly)
 Example: ``python launch/run.py --config=configs/cifar100_lt.py:lfh50_10x5,finetune``.
@@ -12,28 +12,10 @@ The default source is tfds ``cifar100``; an offline copy:
 
 from configs import common
 
-
-def _split(first: int, tasks: int):
-  def apply(c):
-    c.protocol.nc_first_task = first
-    c.protocol.num_tasks = tasks
-  return apply
-
-
-def _scenario(name: str):
-  def apply(c):
-    c.protocol.scenario = name
-  return apply
-
-
-SCENARIOS = {
-    "shuffled": _scenario("shuffled"),
-    "ordered": _scenario("ordered"),
-    "conventional": _scenario("conventional"),
-    "lfs20": _split(5, 20),
-    "lfh50_10x5": _split(50, 11),   # 50 base classes then 10 phases of 5
-    "lfh50_5x10": _split(50, 6),    # 50 base classes then 5 phases of 10
-}
+SCENARIOS = dict(common.SCENARIOS,
+                 lfs20=common.split(5, 20),
+                 lfh50_10x5=common.split(50, 11),  # 50 base classes then 10 phases of 5
+                 lfh50_5x10=common.split(50, 6))   # 50 base classes then 5 phases of 10
 
 
 def get_config(arg: str | None = None):

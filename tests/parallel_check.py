@@ -79,11 +79,11 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from configs import cifar100_lt
 from gr_jax import checkpoint as ckpt
 from gr_jax import parallel
 from gr_jax import trainer
 from gr_jax.reweight import GradientReweightingState
+from tiny_run import tiny_config
 
 # Float tolerances. The N-device run sums gradients, BatchNorm moments and the per-class norms in a
 # different order (per-shard partial sums, then an all-reduce), so 1 and N devices differ by float32
@@ -111,27 +111,11 @@ class Mismatch(AssertionError):
 
 def make_config(data: str, num_devices: int, batch_size: int, epochs: int, scan: str,
                 learning_rate: float = 0.01):
-  """Two phases of CIFAR-100-LT (4 + 4 classes), ResNet-8, a few images a class."""
-  c = cifar100_lt.get_config("smoke")
-  c.data.source = "npz"
-  c.data.path = data
-  c.model = "resnet8"
-  c.protocol.num_classes = 8
-  c.protocol.nc_first_task = 4
-  c.protocol.num_tasks = 2
-  c.protocol.max_train_per_class = 12
-  c.protocol.max_test_per_class = 6
-  c.optim.batch_size = batch_size
-  c.optim.epochs = epochs
-  c.optim.learning_rate = learning_rate
-  c.optim.milestones = (1,)
-  c.memory.per_class = 5
-  c.eval_chunk = 16
-  c.checkpoint.every_epochs = 1
-  c.checkpoint.keep = 100
-  c.epoch_as_scan = scan
-  c.num_devices = num_devices
-  return c
+  """Two phases of CIFAR-100-LT (4 + 4 classes): the tiny run of the trainer tests, cut short."""
+  return tiny_config(data, **{
+      "protocol.num_classes": 8, "protocol.num_tasks": 2, "optim.batch_size": batch_size,
+      "optim.epochs": epochs, "optim.learning_rate": learning_rate, "checkpoint.keep": 100,
+      "epoch_as_scan": scan, "num_devices": num_devices})
 
 
 class _Recorder:
