@@ -15,9 +15,6 @@ def get_config(arg: str | None = None):
   c.data.name = "food101"
   c.protocol.nc_first_task = 51
   c.protocol.num_tasks = 6
-  common.imagenet_style(c, arg)
+  common.imagenet_style(c)
   common.apply_presets(c, arg, common.SCENARIOS)
-  if arg and "smoke" in arg.split(","):
-    c.protocol.max_train_per_class = 10
-    c.protocol.max_test_per_class = 5
   return c

@@ -20,6 +20,6 @@ def get_config(arg: str | None = None):
   c.data.name = "imagenet_subset"
   c.protocol.nc_first_task = 10
   c.protocol.num_tasks = 10
-  common.imagenet_style(c, arg)
+  common.imagenet_style(c)
   common.apply_presets(c, arg, SCENARIOS)
   return c
