@@ -10,7 +10,8 @@ import json
 import math
 import os
 import time
-from typing import Any, Callable, Optional
+import warnings
+from typing import Any, Callable, NamedTuple, Optional
 
 from absl import logging
 import jax
@@ -34,6 +35,15 @@ from gr_jax.phase_constants import phase_constants
 EpochHook = Callable[[dict[str, Any]], None]
 
 
+class TestSet(NamedTuple):
+  """The test images of every class of the run, padded to whole evaluation chunks, on device."""
+  images: jax.Array         # uint8 [N, H, W, 3]
+  labels: jax.Array         # int32 [N] class positions
+  valid: jax.Array          # bool [N], False for padding
+  task_of_class: jax.Array  # int32 [C]
+  num_test: np.ndarray      # int [C] test images per class (host)
+
+
 @dataclasses.dataclass(frozen=True)
 class Experiment:
   """Everything derived from the config once: data, plan, model, optimiser, compiled steps."""
@@ -46,7 +56,7 @@ class Experiment:
   method: steps.Method
   mesh: Any
   capacity: int
-  test: tuple[Any, ...]
+  test: TestSet
   base_steps: steps.StepFns
   incremental_steps: steps.StepFns
   reinit_heads: Callable[..., Any]
@@ -154,7 +164,7 @@ def _test_set(dataset, plan, chunk, mesh):
   num_test = np.bincount(labels[valid], minlength=plan.num_classes)
   task_of_class = plan.phase_of_class.astype(np.int32)
   put = lambda a: parallel.replicate(jnp.asarray(a), mesh)
-  return put(images), put(labels), put(valid), put(task_of_class), num_test
+  return TestSet(put(images), put(labels), put(valid), put(task_of_class), num_test)
 
 
 def _eval_chunk(config, mesh) -> int:
@@ -253,12 +263,12 @@ def _finish_phase(exp: Experiment, state: state_lib.TrainState, phase: int):
     chosen = exemplars.select_exemplars(feats[s], labels, idx, list(range(start, stop)),
                                         cfg.memory.per_class, cfg.memory.selection, key)
     memory[s, start:stop] = chosen
-  images_t, labels_t, valid_t, task_of_class, _ = exp.test
+  test = exp.test
   seen = jnp.asarray(np.arange(plan.num_classes) < stop)
   tag = taw = 0
-  for sl in _chunks(images_t.shape[0], chunk):
-    t_tag, t_taw = fns.evaluate(state.params, state.batch_stats, images_t[sl], labels_t[sl],
-                                valid_t[sl], seen, task_of_class)
+  for sl in _chunks(test.images.shape[0], chunk):
+    t_tag, t_taw = fns.evaluate(state.params, state.batch_stats, test.images[sl],
+                                test.labels[sl], test.valid[sl], seen, test.task_of_class)
     tag, taw = tag + t_tag, taw + t_taw
   state = state.replace(
       memory=parallel.replicate(jnp.asarray(memory), exp.mesh),
@@ -278,7 +288,7 @@ def _finish_phase(exp: Experiment, state: state_lib.TrainState, phase: int):
 
 def _summaries(exp: Experiment, state: state_lib.TrainState) -> dict[str, Any]:
   plan = exp.plan
-  num_test = exp.test[4]
+  num_test = exp.test.num_test
   per_seed = [metrics.summarize(np.asarray(state.correct_tag[s]), np.asarray(state.correct_taw[s]),
                                 num_test, plan.task_sizes, plan.train_counts)
               for s in range(len(exp.seeds))]
@@ -306,9 +316,11 @@ def _mean_over_seeds(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
     except (TypeError, ValueError):
       out[key] = value
       continue
-    out[key] = np.nanmean(arr, axis=0).tolist() if arr.ndim > 1 else float(np.nanmean(arr))
-    if arr.ndim == 1:
-      out[key + "_std"] = float(np.nanstd(arr))
+    with warnings.catch_warnings():  # all-NaN entries (u > t in the matrices) stay NaN
+      warnings.simplefilter("ignore", RuntimeWarning)
+      out[key] = np.nanmean(arr, axis=0).tolist() if arr.ndim > 1 else float(np.nanmean(arr))
+      if arr.ndim == 1:
+        out[key + "_std"] = float(np.nanstd(arr))
   return out
 
 
@@ -382,7 +394,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
         state = _finish_phase(exp, state, phase)
         checkpointer.save((phase + 1) * (epochs_per_phase + 1), state, elapsed())
         acc = np.asarray(state.correct_tag[:, phase]).sum(-1) / max(
-            1, exp.test[4][:plan.class_range(phase)[1]].sum())
+            1, exp.test.num_test[:plan.class_range(phase)[1]].sum())
         writer.write_scalars(int(state.step[0]), {"eval/acc_tag_weighted": 100 * float(acc.mean())},
                              phase=phase)
   finally:

@@ -192,3 +192,21 @@ def test_non_finite_loss_stops_with_clear_error_and_keeps_checkpoint(cifar100_np
   checkpointer.close()
   assert int(state.epoch[0]) == 1 and int(state.phase[0]) == 0
   assert all(np.all(np.isfinite(np.asarray(leaf))) for leaf in jax.tree.leaves(state.params))
+
+
+def test_seeds_train_together_and_report_mean_and_std(cifar100_npz, tmp_path):
+  config = tiny_config(cifar100_npz, seeds="0,1", **{"protocol.num_tasks": 2,
+                                                     "protocol.num_classes": 8})
+  results = trainer.run(config, str(tmp_path))
+  per_seed = results["per_seed"]
+  assert results["seeds"] == [0, 1] and len(per_seed) == 2
+  values = [r["average_incremental_accuracy"] for r in per_seed]
+  # Independent seeds: different initial weights (and data orders / augmentations).
+  state = trainer.init_state(trainer.build_experiment(config))
+  kernel = np.asarray(state.params["classifier"]["kernel"])
+  assert kernel.shape[0] == 2 and not np.allclose(kernel[0], kernel[1])
+  assert results["average_incremental_accuracy"] == pytest.approx(np.mean(values))
+  assert results["average_incremental_accuracy_std"] == pytest.approx(np.std(values))
+  matrices = np.asarray([np.asarray(r["acc_tag"], dtype=float) for r in per_seed])
+  np.testing.assert_allclose(np.asarray(results["acc_tag"], dtype=float),
+                             np.where(np.isnan(matrices[0]), np.nan, matrices.mean(axis=0)))
