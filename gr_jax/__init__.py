@@ -15,3 +15,17 @@ from gr_jax.reweight import gradient_reweighting
 from gr_jax.reweight import GradientReweightingState
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "distribution_aware_kd", "gradient_reweighting", "GradientReweightingState",
+    "knowledge_distillation", "log_prior", "lost_count_entropy", "phase_constants",
+    "PhaseConstants", "prior_adjusted_cross_entropy", "run",
+]
+
+
+def __getattr__(name):
+  """``gr_jax.run`` loads the trainer (Orbax, data readers) only when asked for."""
+  if name == "run":
+    from gr_jax.trainer import run  # pylint: disable=g-import-not-at-top
+    return run
+  raise AttributeError(f"module 'gr_jax' has no attribute {name!r}")

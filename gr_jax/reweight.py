@@ -10,7 +10,7 @@ Every leaf that is not a classifier leaf passes through bit-identical, so the tr
 the head of any ``optax.chain``. This module imports nothing from gr_jax and can be copied alone.
 """
 
-from typing import Any, Callable, NamedTuple, Optional, Union
+from typing import Any, Callable, NamedTuple, Union
 
 import chex
 import jax

@@ -7,7 +7,6 @@ seeds (vmapped together), resumes from the latest checkpoint in ``workdir`` and 
 
 import dataclasses
 import json
-import math
 import os
 import time
 import warnings

@@ -12,8 +12,6 @@ import numpy as np
 import optax
 import pytest
 
-from gr_jax import state as state_lib
-from gr_jax import steps
 from gr_jax import trainer
 from tiny_run import tiny_config
 
