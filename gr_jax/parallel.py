@@ -67,3 +67,11 @@ def shard_batch_axis(x: jax.Array, mesh: Mesh, axis: int = 0) -> jax.Array:
   spec = [None] * x.ndim
   spec[axis] = DATA_AXIS
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(*spec)))
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+  """The whole of a possibly sharded array as NumPy, also when its shards span several hosts."""
+  if x.is_fully_addressable:
+    return np.asarray(x)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))

@@ -146,6 +146,25 @@ class MetricWriter:
     self.close()
 
 
+class NullWriter:
+  """A :class:`MetricWriter` that writes nothing (processes other than the first of a run)."""
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any], **context: Any):
+    del step, scalars, context
+
+  def flush(self):
+    pass
+
+  def close(self):
+    pass
+
+  def __enter__(self) -> NullWriter:
+    return self
+
+  def __exit__(self, *exc_info):
+    self.close()
+
+
 def _ends_with_newline(path: str) -> bool:
   with open(path, 'rb') as f:
     f.seek(-1, os.SEEK_END)

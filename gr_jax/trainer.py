@@ -252,7 +252,7 @@ def _finish_phase(exp: Experiment, state: state_lib.TrainState, phase: int):
   images[:len(idx)] = exp.dataset.x_train[idx]
   seeds = len(exp.seeds)
   feats = np.concatenate([
-      np.asarray(fns.features(state.params, state.batch_stats, parallel.replicate(
+      parallel.to_host(fns.features(state.params, state.batch_stats, parallel.replicate(
           jnp.broadcast_to(jnp.asarray(images[sl]), (seeds,) + images[sl].shape), exp.mesh)))
       for sl in _chunks(n, chunk)], axis=1)[:, :len(idx)]
   labels = plan.positions(exp.dataset.y_train[idx])
@@ -338,15 +338,17 @@ def run(config: ml_collections.ConfigDict, workdir: str,
     state, wall_offset = restored
     logging.info("resumed from %s at phase %d epoch %d", checkpointer.directory,
                  int(state.phase[0]), int(state.epoch[0]))
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    json.dump(config_dict, f, indent=2, default=str)
+  lead = jax.process_index() == 0  # one process writes the run's files
+  if lead:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      json.dump(config_dict, f, indent=2, default=str)
   started = time.time()
   elapsed = lambda: wall_offset + time.time() - started
   optim = config.optim
   epochs_per_phase = optim.epochs
   plan = exp.plan
   try:
-    with report.MetricWriter(workdir) as writer:
+    with (report.MetricWriter(workdir) if lead else report.NullWriter()) as writer:
       while int(state.phase[0]) < plan.num_phases:
         phase = int(state.phase[0])
         fns = exp.incremental_steps if phase else exp.base_steps
@@ -402,6 +404,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   results["config"] = config_dict
   results["wall_time_s"] = elapsed()
   results["devices"] = [str(d) for d in exp.mesh.devices.flat]
-  report.write_results(workdir, results)
-  report.plot_results(workdir, results, list(plan.train_counts))
+  if lead:
+    report.write_results(workdir, results)
+    report.plot_results(workdir, results, list(plan.train_counts))
   return results
