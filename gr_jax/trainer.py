@@ -152,13 +152,20 @@ def validate_config(config) -> None:
     raise ValueError("config.optim.epochs and config.optim.batch_size must be positive")
 
 
+def _padded(images, labels, idx: np.ndarray, length: int, plan: protocol.Plan):
+  """Rows ``idx`` of a dataset split (decoded once) and their class positions, zero-padded."""
+  x = images[idx]
+  out_x = np.zeros((length,) + tuple(x.shape[1:]), np.uint8)
+  out_x[:len(idx)] = x
+  out_y = np.zeros((length,), np.int32)
+  out_y[:len(idx)] = plan.positions(labels[idx])
+  return out_x, out_y
+
+
 def _test_set(dataset, plan, chunk, mesh):
   idx = np.concatenate(plan.test_idx)
   n = _round_up(len(idx), chunk)
-  images = np.zeros((n,) + tuple(dataset.x_test[idx[:1]].shape[1:]), np.uint8)
-  images[:len(idx)] = dataset.x_test[idx]
-  labels = np.zeros((n,), np.int32)
-  labels[:len(idx)] = plan.positions(dataset.y_test[idx])
+  images, labels = _padded(dataset.x_test, dataset.y_test, idx, n, plan)
   valid = np.arange(n) < len(idx)
   num_test = np.bincount(labels[valid], minlength=plan.num_classes)
   task_of_class = plan.phase_of_class.astype(np.int32)
@@ -194,11 +201,7 @@ def _phase_data(exp: Experiment, state: state_lib.TrainState, phase: int) -> ste
   for s in range(len(exp.seeds)):
     kept = memory[s][memory[s] >= 0]
     idx = np.concatenate([plan.train_idx[phase], kept]).astype(np.int64)
-    x = ds.x_train[idx]
-    padded = np.zeros((exp.capacity,) + x.shape[1:], np.uint8)
-    padded[:len(idx)] = x
-    y = np.zeros((exp.capacity,), np.int32)
-    y[:len(idx)] = plan.positions(ds.y_train[idx])
+    padded, y = _padded(ds.x_train, ds.y_train, idx, exp.capacity, plan)
     images.append(padded)
     labels.append(y)
     sizes.append(len(idx))
@@ -218,8 +221,7 @@ def _constants(exp: Experiment, phase: int):
 
 
 def init_state(exp: Experiment) -> state_lib.TrainState:
-  shape = tuple(exp.dataset.x_train[np.arange(1)].shape[1:])
-  shape = (exp.config.data.image_size, exp.config.data.image_size, shape[-1])
+  shape = (exp.config.data.image_size, exp.config.data.image_size, 3)
   keys = jnp.stack([jax.random.key(s) for s in exp.seeds])
   create = lambda k: state_lib.create_train_state(
       exp.model, exp.tx, k, shape, exp.plan.num_phases, exp.config.memory.per_class,
@@ -248,14 +250,13 @@ def _finish_phase(exp: Experiment, state: state_lib.TrainState, phase: int):
   idx = plan.train_idx[phase]
   chunk = _eval_chunk(cfg, exp.mesh)
   n = _round_up(len(idx), chunk)
-  images = np.zeros((n,) + tuple(exp.dataset.x_train[idx[:1]].shape[1:]), np.uint8)
-  images[:len(idx)] = exp.dataset.x_train[idx]
+  images, labels = _padded(exp.dataset.x_train, exp.dataset.y_train, idx, n, plan)
+  labels = labels[:len(idx)]
   seeds = len(exp.seeds)
   feats = np.concatenate([
       parallel.to_host(fns.features(state.params, state.batch_stats, parallel.replicate(
           jnp.broadcast_to(jnp.asarray(images[sl]), (seeds,) + images[sl].shape), exp.mesh)))
       for sl in _chunks(n, chunk)], axis=1)[:, :len(idx)]
-  labels = plan.positions(exp.dataset.y_train[idx])
   memory = np.asarray(state.memory).copy()
   for s in range(seeds):
     key = jax.random.fold_in(jax.random.wrap_key_data(state.key[s]), 2000 + phase)
