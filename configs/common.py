@@ -44,7 +44,10 @@ def base_config() -> ml_collections.ConfigDict:
       learning_rate=0.1, momentum=0.9, weight_decay=5e-4, epochs=160, milestones=(80, 120),
       lr_decay=0.1, batch_size=128, clip_norm=10000.0))
   c.seed = 0
-  c.seeds = ""        # e.g. "0,1,2,3,4": independent seeds trained together (vmapped)
+  c.seeds = ""        # e.g. "0,1,2,3,4": independent seeds trained together in one program
+  # How several seeds share the program: "sequential" (a lax.map over seeds: dense per-seed
+  # convolutions, the faster on GPU) or "vmap" (batched ops; convolutions become grouped ones).
+  c.seed_execution = "sequential"
   c.dtype = "float32"  # float32 | bfloat16 (compute; params, norms and losses stay float32)
   c.num_devices = 0   # 0: all local devices (data parallel)
   c.eval_chunk = 500     # test / herding images per compiled call

@@ -60,12 +60,16 @@ def _bn_mask(mask: jax.Array | None) -> jax.Array | None:
 def _bn(train: bool, dtype: Dtype, name: str) -> nn.BatchNorm:
   """BatchNorm with torch defaults; call it as ``_bn(...)(x, mask=_bn_mask(mask))``.
 
+  The batch variance is flax's fast ``E[x²] − E[x]²`` (one fused reduction pass; statistics are
+  accumulated in float32 also under bf16): 9 % more DGR steps/s on an H100 than the two-pass form
+  (BENCHMARKS.md).
+
   The mask only enters batch statistics (flax ignores it with running averages), so padded rows
   (mask False) never affect the normalisation of real rows nor the running averages.
   """
   return nn.BatchNorm(
       use_running_average=not train, momentum=_BN_MOMENTUM, epsilon=_BN_EPSILON, dtype=dtype,
-      param_dtype=jnp.float32, use_fast_variance=False, name=name)
+      param_dtype=jnp.float32, name=name)
 
 
 def _conv(features: int, kernel: int, stride: int, padding: int, dtype: Dtype, name: str):

@@ -20,6 +20,7 @@ import os
 import struct
 import tempfile
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -259,3 +260,82 @@ def plot_results(workdir: str | os.PathLike, results: Mapping[str, Any],
   path = os.path.join(workdir, PLOT_FILE)
   _atomic_write(path, lambda f: fig.savefig(f, format='png', dpi=100), mode='wb')
   return path
+
+
+# Keys of a run's results that describe the run rather than a seed's outcome.
+_RUN_KEYS = ('seeds', 'task_sizes', 'class_order', 'train_counts', 'config', 'wall_time_s',
+             'devices')
+# Config entries that may differ between runs whose seeds are pooled.
+_SEED_CONFIG_KEYS = ('seed', 'seeds', 'seed_execution')
+
+
+def mean_over_seeds(per_seed: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+  """Mean of every numeric entry over seeds, and ``<key>_std`` (population std) for scalars.
+
+  Nested dicts (e.g. ``shot_accuracy``) are averaged entry by entry; lists element-wise, ignoring
+  NaN / None (the undefined upper triangle of accuracy matrices stays NaN).
+  """
+  out = {}
+  for key, value in per_seed[0].items():
+    values = [r[key] for r in per_seed]
+    if isinstance(value, Mapping):
+      out[key] = mean_over_seeds(values)
+      continue
+    try:
+      arr = np.asarray([np.asarray(v, dtype=np.float64) if v is not None else np.nan
+                        for v in values], dtype=np.float64)
+    except (TypeError, ValueError):
+      out[key] = value
+      continue
+    with warnings.catch_warnings():  # all-NaN entries (u > t in the matrices) stay NaN
+      warnings.simplefilter('ignore', RuntimeWarning)
+      out[key] = np.nanmean(arr, axis=0).tolist() if arr.ndim > 1 else float(np.nanmean(arr))
+      if arr.ndim == 1:
+        out[key + '_std'] = float(np.nanstd(arr))
+  return out
+
+
+def _per_seed(results: Mapping[str, Any]) -> list[dict[str, Any]]:
+  if 'per_seed' in results:
+    return [dict(r) for r in results['per_seed']]
+  return [{k: v for k, v in results.items() if k not in _RUN_KEYS}]
+
+
+def combine_seed_results(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+  """Pools the ``results.json`` of runs that differ only in their seeds (e.g. run on different
+  GPUs or in turn) into one results dict shaped like a multi-seed run's: mean, ``*_std`` and
+  ``per_seed``, plus ``wall_time_s`` summed over the runs.
+
+  Raises:
+    ValueError: if the runs differ in anything but seeds (config, class order, task sizes) or
+      repeat a seed.
+  """
+  if not runs:
+    raise ValueError('combine_seed_results needs at least one results dict')
+  strip = lambda c: {k: v for k, v in (c or {}).items() if k not in _SEED_CONFIG_KEYS}
+  first = runs[0]
+  for i, r in enumerate(runs[1:], 1):
+    for key in ('task_sizes', 'class_order', 'train_counts'):
+      if r.get(key) != first.get(key):
+        raise ValueError(f'run {i} differs from run 0 in {key}: only runs that differ in their '
+                         'seeds can be pooled')
+    if strip(r.get('config')) != strip(first.get('config')):
+      diff = sorted(k for k in set(strip(r.get('config'))) | set(strip(first.get('config')))
+                    if strip(r.get('config')).get(k) != strip(first.get('config')).get(k))
+      raise ValueError(f'run {i} has another config than run 0 (differs in {diff}): only runs '
+                       'that differ in their seeds can be pooled')
+  seeds = [s for r in runs for s in r['seeds']]
+  if len(set(seeds)) != len(seeds):
+    raise ValueError(f'seeds repeat across the runs: {seeds}')
+  per_seed = [p for r in runs for p in _per_seed(r)]
+  out = mean_over_seeds(per_seed) if len(per_seed) > 1 else dict(per_seed[0])
+  if len(per_seed) > 1:
+    out['per_seed'] = per_seed
+  out['seeds'] = seeds
+  for key in ('task_sizes', 'class_order', 'train_counts', 'config'):
+    if key in first:
+      out[key] = first[key]
+  out['wall_time_s'] = float(sum(r.get('wall_time_s', 0.0) for r in runs))
+  out['wall_time_s_per_run'] = [r.get('wall_time_s') for r in runs]
+  out['devices'] = sorted({d for r in runs for d in r.get('devices', [])})
+  return out

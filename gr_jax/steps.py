@@ -1,11 +1,11 @@
-"""Pure train / eval steps: epochs are ``lax.scan``s over device-resident data.
+"""Pure train / eval steps: epochs are device-side loops over device-resident data.
 
 Gradients (docs/method.md §3–§4): the backbone runs forward once and its VJP is kept; the classifier
 head is differentiated twice, once for L_CE and once for L_KD, so the CE and KD gradients of the
 classifier stay apart for DGR while the backbone gets the gradient of the total loss through a single
 backward pass. Shapes never depend on the phase: the classifier covers all classes, phase data are
-padded to one capacity and an epoch runs a fixed number of steps whose tail is skipped by
-``lax.cond``, so a run compiles one base-phase and one incremental epoch function.
+padded to one capacity and an epoch loops over as many batches as the phase has (a trip count that
+is data, not shape), so a run compiles one base-phase and one incremental epoch function.
 """
 
 import dataclasses
@@ -51,8 +51,8 @@ class Method:
 class PhaseData(NamedTuple):
   """A phase's training set on device: new-class images plus exemplars, padded to a capacity.
 
-  ``size`` is shared by all seeds (they hold the same number of exemplars), which keeps the
-  ``lax.cond`` that skips padding steps a real branch under the seed ``vmap``.
+  ``size`` is shared by all seeds (they hold the same number of exemplars), which keeps the epoch's
+  trip count and its partial-batch ``lax.cond`` unbatched under the seed ``vmap``.
   """
   images: jax.Array  # uint8 [S, N, H, W, 3]
   labels: jax.Array  # int32 [S, N] class positions
@@ -136,22 +136,29 @@ def _epoch_start(carry, key, learning_rate, size, capacity: int):
 
 def train_step(carry, i, order, aug_key, teacher, data: PhaseData, consts: PhaseConstants, *,
                model: nn.Module, tx: optax.GradientTransformationExtraArgs, method: Method,
-               augment: Callable, batch_size: int, incremental: bool, mesh=None):
-  """Step ``i`` of an epoch: batch ``order[i*B:(i+1)*B]`` (rows past ``size`` masked out)."""
+               augment: Callable, batch_size: int, incremental: bool, mesh=None,
+               masked: bool = True):
+  """Step ``i`` of an epoch: batch ``order[i*B:(i+1)*B]``.
+
+  With ``masked`` the rows past ``size`` are masked out of the losses and BatchNorm statistics (the
+  epoch's last, partial batch); ``masked=False`` is for batches known to be all real rows and
+  skips the masking arithmetic.
+  """
   params, batch_stats, opt_state, step, sums = carry
   idx = jax.lax.dynamic_slice(order, (i * batch_size,), (batch_size,))
-  mask = i * batch_size + jnp.arange(batch_size) < data.size
+  mask = (i * batch_size + jnp.arange(batch_size) < data.size) if masked else None
   images, labels = data.images[idx], data.labels[idx]
   if mesh is not None:
     images = parallel.shard_batch_axis(images, mesh)
-    mask = parallel.shard_batch_axis(mask, mesh)
+    if masked:
+      mask = parallel.shard_batch_axis(mask, mesh)
   x = augment(jax.random.fold_in(aug_key, i), images)
   grads, kd_grads, batch_stats, m = _gradients(
       model, method, incremental, params, batch_stats, teacher, x, labels, mask, consts)
   updates, opt_state = tx.update(grads, opt_state, params,
                                  **_reweighting_args(method, incremental, consts, kd_grads))
   params = optax.apply_updates(params, updates)
-  n = jnp.sum(mask).astype(jnp.float32)
+  n = jnp.sum(mask).astype(jnp.float32) if masked else jnp.float32(batch_size)
   sums = {"loss_ce": sums["loss_ce"] + n * m["loss_ce"],
           "loss_kd": sums["loss_kd"] + n * m["loss_kd"], "examples": sums["examples"] + n}
   return params, batch_stats, opt_state, step + 1, sums
@@ -172,9 +179,13 @@ def _epoch_end(carry, consts: PhaseConstants):
   return (params, batch_stats, opt_state, step), out
 
 
-def train_epoch(carry, teacher, data: PhaseData, consts: PhaseConstants, key, learning_rate, *,
-                num_steps: int, **step_kwargs):
-  """One epoch as a single ``lax.scan``; the last batch is partial (masked), never dropped.
+def train_epoch(carry, teacher, data: PhaseData, consts: PhaseConstants, key, learning_rate,
+                **step_kwargs):
+  """One epoch: ``size // B`` full batches in a loop, then the partial batch (masked), if any.
+
+  The loop's trip count is data (``size``), so one compiled epoch serves every phase; the full
+  batches run the unmasked step and only the last, partial batch pays for the mask. Nothing is
+  dropped, as in the reference's data loader.
 
   Args:
     carry: ``(params, batch_stats, opt_state, step)``.
@@ -183,8 +194,6 @@ def train_epoch(carry, teacher, data: PhaseData, consts: PhaseConstants, key, le
     consts: the phase's :class:`PhaseConstants`.
     key: the epoch's PRNG key (order and augmentation).
     learning_rate: this epoch's SGD learning rate.
-    num_steps: static step count of the padded capacity; steps past ``ceil(size / batch)`` are
-      skipped by ``lax.cond``.
     **step_kwargs: the static arguments of :func:`train_step`.
 
   Returns:
@@ -194,16 +203,18 @@ def train_epoch(carry, teacher, data: PhaseData, consts: PhaseConstants, key, le
   carry, order, aug_key = _epoch_start(carry, key, learning_rate, data.size,
                                        data.labels.shape[0])
 
-  def body(c, i):
-    run = lambda c: train_step(c, i, order, aug_key, teacher, data, consts, **step_kwargs)
-    return jax.lax.cond(i * batch_size < data.size, run, lambda c: c, c), None
+  def step(i, c, masked):
+    return train_step(c, i, order, aug_key, teacher, data, consts, masked=masked, **step_kwargs)
 
-  carry, _ = jax.lax.scan(body, carry, jnp.arange(num_steps))
+  full = data.size // batch_size
+  carry = jax.lax.fori_loop(0, full, lambda i, c: step(i, c, False), carry)
+  carry = jax.lax.cond(data.size % batch_size > 0, lambda c: step(full, c, True), lambda c: c,
+                       carry)
   return _epoch_end(carry, consts)
 
 
 def train_epochs(carry, teacher, data: PhaseData, consts: PhaseConstants, keys, learning_rates,
-                 **epoch_kwargs):
+                 **step_kwargs):
   """Several epochs in one compiled call (``lax.scan`` over :func:`train_epoch`).
 
   ``keys`` and ``learning_rates`` hold one entry per epoch; the metrics come back stacked the same
@@ -211,7 +222,7 @@ def train_epochs(carry, teacher, data: PhaseData, consts: PhaseConstants, keys, 
   """
   def one_epoch(c, key_and_lr):
     key, lr = key_and_lr
-    return train_epoch(c, teacher, data, consts, key, lr, **epoch_kwargs)
+    return train_epoch(c, teacher, data, consts, key, lr, **step_kwargs)
 
   return jax.lax.scan(one_epoch, carry, (keys, learning_rates))
 
@@ -242,8 +253,52 @@ def extract_features(params, batch_stats, images, *, model, augment, mesh=None):
       jnp.float32)
 
 
+SEED_EXECUTIONS = ("vmap", "sequential")
+
+
+def over_seeds(fn: Callable[..., Any], in_axes: tuple[Any, ...], execution: str
+               ) -> Callable[..., Any]:
+  """Maps ``fn`` over the leading seed axis of the arguments whose ``in_axes`` entry is 0.
+
+  ``in_axes`` is a tuple with one entry per positional argument, each 0, None or a pytree prefix
+  of them (as for ``jax.vmap``); outputs get the seed axis first. How the seeds run:
+
+  * one seed: the axis is squeezed away, so the program is the plain single-run one;
+  * ``'vmap'``: all seeds batched into each op. Convolutions with per-seed weights become grouped
+    convolutions, which cuDNN runs slower per seed than dense ones (BENCHMARKS.md);
+  * ``'sequential'``: a ``lax.map`` over the seeds inside the one compiled program: every seed runs
+    the dense single-seed kernels, one seed after the other.
+  """
+  if execution not in SEED_EXECUTIONS:
+    raise ValueError(f"unknown seed execution {execution!r}: use one of {SEED_EXECUTIONS}")
+  vmapped = jax.vmap(fn, in_axes=in_axes)
+  is_axis = lambda x: x is None or isinstance(x, int)
+
+  def split(args, batched: bool):
+    pick = lambda axis, sub: sub if (axis == 0) == batched else None
+    return jax.tree.map(pick, tuple(in_axes), tuple(args), is_leaf=is_axis)
+
+  def merge(batched_args, other_args):
+    pick = lambda axis, b, o: b if axis == 0 else o
+    return jax.tree.map(pick, tuple(in_axes), batched_args, other_args, is_leaf=is_axis)
+
+  def mapped(*args):
+    batched, other = split(args, True), split(args, False)
+    num_seeds = jax.tree.leaves(batched)[0].shape[0]
+    if num_seeds == 1:
+      out = fn(*merge(jax.tree.map(lambda x: x[0], batched), other))
+      return jax.tree.map(lambda x: x[None], out)
+    if execution == "vmap":
+      return vmapped(*args)
+    return jax.lax.map(lambda b: fn(*merge(b, other)), batched)
+
+  # Compiled programs (profiles, HLO dumps) keep the wrapped function's name.
+  mapped.__name__ = getattr(fn, "__name__", None) or getattr(fn, "func").__name__
+  return mapped
+
+
 class StepFns(NamedTuple):
-  """The compiled functions of one step kind (base or incremental phase), all seed-vmapped.
+  """The compiled functions of one step kind (base or incremental phase), mapped over seeds.
 
   ``train_epochs(carry, teacher, data, consts, keys [S, E], lrs [E]) -> (carry, metrics [S, E])``
   runs E epochs: as one ``lax.scan`` (``epoch_as_scan``, the fast path on GPU/TPU) or as a host
@@ -258,34 +313,39 @@ class StepFns(NamedTuple):
 
 
 def make_step_fns(model, tx, method: Method, train_augment, test_augment, *, batch_size: int,
-                  num_steps: int, incremental: bool, epoch_as_scan: bool, mesh=None) -> StepFns:
-  """Builds the jitted, seed-vmapped step functions (state/data arguments lead with a seed axis)."""
+                  incremental: bool, epoch_as_scan: bool, mesh=None,
+                  seed_execution: str = "vmap") -> StepFns:
+  """Builds the jitted step functions (state/data arguments lead with a seed axis).
+
+  ``seed_execution`` says how several seeds share the program (:func:`over_seeds`).
+  """
   step_kwargs = dict(model=model, tx=tx, method=method, augment=train_augment,
                      batch_size=batch_size, incremental=incremental, mesh=mesh)
   data_axes = PhaseData(0, 0, None)
-  evaluate_fn = jax.jit(jax.vmap(
+  seeds = functools.partial(over_seeds, execution=seed_execution)
+  evaluate_fn = jax.jit(seeds(
       functools.partial(evaluate, model=model, augment=test_augment, mesh=mesh),
-      in_axes=(0, 0, None, None, None, None, None)))
-  features_fn = jax.jit(jax.vmap(
+      (0, 0, None, None, None, None, None)))
+  features_fn = jax.jit(seeds(
       functools.partial(extract_features, model=model, augment=test_augment, mesh=mesh),
-      in_axes=(0, 0, 0)))
+      (0, 0, 0)))
   if epoch_as_scan:
-    epochs = jax.jit(jax.vmap(
-        functools.partial(train_epochs, num_steps=num_steps, **step_kwargs),
-        in_axes=(0, 0, data_axes, None, 0, None)), donate_argnums=(0,))
+    epochs = jax.jit(seeds(functools.partial(train_epochs, **step_kwargs),
+                           (0, 0, data_axes, None, 0, None)), donate_argnums=(0,))
     return StepFns(epochs, evaluate_fn, features_fn, (epochs, evaluate_fn, features_fn))
 
-  capacity = num_steps * batch_size
-  start = jax.jit(jax.vmap(functools.partial(_epoch_start, capacity=capacity),
-                           in_axes=(0, 0, None, None)), donate_argnums=(0,))
-  step = jax.jit(jax.vmap(functools.partial(train_step, **step_kwargs),
-                          in_axes=(0, None, 0, 0, 0, data_axes, None)), donate_argnums=(0,))
-  end = jax.jit(jax.vmap(_epoch_end, in_axes=(0, None)), donate_argnums=(0,))
+  start = jax.jit(lambda carry, keys, lr, size, capacity: seeds(
+      functools.partial(_epoch_start, capacity=capacity), (0, 0, None, None))(
+          carry, keys, lr, size), static_argnums=(4,), donate_argnums=(0,))
+  step = jax.jit(seeds(functools.partial(train_step, **step_kwargs),
+                       (0, None, 0, 0, 0, data_axes, None)), donate_argnums=(0,))
+  end = jax.jit(seeds(_epoch_end, (0, None)), donate_argnums=(0,))
 
   def looped_epochs(carry, teacher, data, consts, keys, learning_rates):
     per_epoch = []
     for e in range(keys.shape[1]):
-      carry, order, aug_key = start(carry, keys[:, e], learning_rates[e], data.size)
+      carry, order, aug_key = start(carry, keys[:, e], learning_rates[e], data.size,
+                                    data.labels.shape[1])
       for i in range(-(-int(data.size) // batch_size)):
         carry = step(carry, jnp.int32(i), order, aug_key, teacher, data, consts)
       carry, m = end(carry, consts)

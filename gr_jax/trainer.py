@@ -9,7 +9,6 @@ import dataclasses
 import json
 import os
 import time
-import warnings
 from typing import Any, Callable, NamedTuple, Optional
 
 from absl import logging
@@ -120,8 +119,8 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
   scan = {"auto": jax.default_backend() != "cpu", "true": True, "false": False}[
       str(config.epoch_as_scan).lower()]
   make = lambda incremental: steps.make_step_fns(
-      model, tx, method, train_aug, test_aug, batch_size=batch, num_steps=capacity // batch,
-      incremental=incremental, epoch_as_scan=scan, mesh=step_mesh)
+      model, tx, method, train_aug, test_aug, batch_size=batch, incremental=incremental,
+      epoch_as_scan=scan, mesh=step_mesh, seed_execution=config.seed_execution)
   shape = (d.image_size, d.image_size, 3)
 
   def reinit(params, key_data, new_classes, phase):
@@ -140,6 +139,9 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
 def validate_config(config) -> None:
   if str(config.epoch_as_scan).lower() not in ("auto", "true", "false"):
     raise ValueError(f"config.epoch_as_scan={config.epoch_as_scan!r}: use auto, true or false")
+  if config.seed_execution not in steps.SEED_EXECUTIONS:
+    raise ValueError(f"config.seed_execution={config.seed_execution!r}: use one of "
+                     f"{steps.SEED_EXECUTIONS}")
   if config.dtype not in ("float32", "bfloat16"):
     raise ValueError(f"config.dtype={config.dtype!r}: use float32 or bfloat16")
   per_class = config.memory.per_class
@@ -292,7 +294,7 @@ def _summaries(exp: Experiment, state: state_lib.TrainState) -> dict[str, Any]:
   per_seed = [metrics.summarize(np.asarray(state.correct_tag[s]), np.asarray(state.correct_taw[s]),
                                 num_test, plan.task_sizes, plan.train_counts)
               for s in range(len(exp.seeds))]
-  results = dict(per_seed[0]) if len(per_seed) == 1 else _mean_over_seeds(per_seed)
+  results = dict(per_seed[0]) if len(per_seed) == 1 else report.mean_over_seeds(per_seed)
   if len(per_seed) > 1:
     results["per_seed"] = per_seed
   results["seeds"] = list(exp.seeds)
@@ -300,28 +302,6 @@ def _summaries(exp: Experiment, state: state_lib.TrainState) -> dict[str, Any]:
   results["class_order"] = [int(c) for c in plan.class_order]
   results["train_counts"] = [int(c) for c in plan.train_counts]
   return results
-
-
-def _mean_over_seeds(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
-  """Mean of every numeric entry over seeds, and ``<key>_std`` for the scalar ones."""
-  out = {}
-  for key, value in per_seed[0].items():
-    values = [r[key] for r in per_seed]
-    if isinstance(value, dict):
-      out[key] = _mean_over_seeds(values)
-      continue
-    try:
-      arr = np.asarray([np.asarray(v, dtype=np.float64) if v is not None else np.nan
-                        for v in values], dtype=np.float64)
-    except (TypeError, ValueError):
-      out[key] = value
-      continue
-    with warnings.catch_warnings():  # all-NaN entries (u > t in the matrices) stay NaN
-      warnings.simplefilter("ignore", RuntimeWarning)
-      out[key] = np.nanmean(arr, axis=0).tolist() if arr.ndim > 1 else float(np.nanmean(arr))
-      if arr.ndim == 1:
-        out[key + "_std"] = float(np.nanstd(arr))
-  return out
 
 
 def run(config: ml_collections.ConfigDict, workdir: str,

@@ -5,6 +5,8 @@ reweighting, no prior), the GR step (phase 0), the plain step with a teacher and
 and the DGR step with teacher (phase >= 1); the overhead ratios; compile time; peak device memory.
 With ``--protocol`` it also runs the config's whole protocol through the trainer and records its
 wall time. Writes one JSON record (``--out``) with the device name, date and git commit.
+``--profile=dgr`` traces that step kind with the JAX profiler and records its GPU kernel time by
+category (convolutions, reductions, elementwise fusions, copies) and how busy the GPU stream was.
 """
 
 import datetime
@@ -29,6 +31,7 @@ from gr_jax import steps
 from gr_jax import trainer
 from gr_jax.data import augment
 from gr_jax.phase_constants import phase_constants
+from launch import trace_summary
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:presets].")
 _OUT = flags.DEFINE_string("out", "bench.json", "Where to write the JSON record.")
@@ -36,6 +39,11 @@ _STEPS = flags.DEFINE_integer("steps", 40, "Steps per timed epoch.")
 _EPOCHS = flags.DEFINE_integer("epochs", 3, "Timed epochs per variant (after one warm-up).")
 _PROTOCOL = flags.DEFINE_bool("protocol", False, "Also time the config's whole protocol.")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/bench", "Workdir of the protocol run.")
+_VARIANTS = flags.DEFINE_list("variants", ["plain", "gr", "plain_teacher", "dgr"],
+                              "Step kinds to time.")
+_PROFILE = flags.DEFINE_list("profile", [], "Step kinds to trace with the JAX profiler; their GPU "
+                             "kernel time by category goes into the record.")
+_PROFILE_DIR = flags.DEFINE_string("profile_dir", "runs/profile", "Where the traces go.")
 flags.mark_flags_as_required(["config"])
 
 VARIANTS = {
@@ -56,8 +64,11 @@ def _commit() -> str:
     return os.environ.get("GR_JAX_COMMIT", "unknown")
 
 
-def time_variant(config, name: str, num_seeds: int) -> dict:
-  """images/s of one step kind on synthetic uint8 data resident on the device."""
+def time_variant(config, name: str, num_seeds: int, profile_dir: str | None = None) -> dict:
+  """images/s of one step kind on synthetic uint8 data resident on the device.
+
+  With ``profile_dir``, one more epoch runs under the JAX profiler (a perfetto trace there).
+  """
   method, incremental = VARIANTS[name]
   num_classes, batch = 100, config.optim.batch_size
   size = config.data.image_size
@@ -69,7 +80,8 @@ def time_variant(config, name: str, num_seeds: int) -> dict:
   train_aug, test_aug = augment.get_augmentation(config.augment, size)
   capacity = batch * _STEPS.value
   fns = steps.make_step_fns(model, tx, method, train_aug, test_aug, batch_size=batch,
-                            num_steps=_STEPS.value, incremental=incremental, epoch_as_scan=True)
+                            incremental=incremental, epoch_as_scan=True,
+                            seed_execution=config.seed_execution)
   keys = jax.random.split(jax.random.key(0), num_seeds)
   counts = np.concatenate([np.full(50, 500), np.full(50, 100)])
   consts = phase_constants(counts, 50 if incremental else 0, 5 if incremental else 50, 20)
@@ -93,8 +105,14 @@ def time_variant(config, name: str, num_seeds: int) -> dict:
     carry, m = fns.train_epochs(carry, teacher, data, consts, epoch_keys, lrs)
     jax.block_until_ready(m)
     times.append(time.perf_counter() - tic)
+  if profile_dir:
+    jax.profiler.start_trace(profile_dir, create_perfetto_trace=True)
+    carry, m = fns.train_epochs(carry, teacher, data, consts, epoch_keys, lrs)
+    jax.block_until_ready(m)
+    jax.profiler.stop_trace()
   best = min(times)
-  return {"images_per_s": num_seeds * capacity / best, "epoch_s": best,
+  return {"images_per_s": num_seeds * capacity / best,
+          "images_per_s_mean": num_seeds * capacity * len(times) / sum(times), "epoch_s": best,
           "compile_and_first_epoch_s": compile_and_first,
           "loss": float(np.mean(m["loss"]))}
 
@@ -109,13 +127,25 @@ def main(argv):
             "model": config.model, "image_size": config.data.image_size,
             "batch_size": config.optim.batch_size, "dtype": config.dtype, "steps": {}}
   seeds = len(trainer.parse_seeds(config))
-  for name in VARIANTS:
-    record["steps"][name] = time_variant(config, name, seeds)
-    print(name, json.dumps(record["steps"][name]), flush=True)
+  unknown = set(_VARIANTS.value + _PROFILE.value) - set(VARIANTS)
+  if unknown:
+    raise app.UsageError(f"unknown step kinds {sorted(unknown)}; choose from {list(VARIANTS)}")
+  for name in _VARIANTS.value:
+    profile_dir = None
+    if name in _PROFILE.value:
+      profile_dir = os.path.join(_PROFILE_DIR.value, name)
+    record["steps"][name] = time_variant(config, name, seeds, profile_dir)
+    if profile_dir:
+      record["steps"][name]["profile"] = trace_summary.summarize(profile_dir, _STEPS.value)
+      print(trace_summary.format_summary(record["steps"][name]["profile"]), flush=True)
+    print(name, json.dumps({k: v for k, v in record["steps"][name].items() if k != "profile"}),
+          flush=True)
   s = record["steps"]
-  record["overhead_gr_vs_plain"] = s["plain"]["images_per_s"] / s["gr"]["images_per_s"] - 1
-  record["overhead_dgr_vs_plain_teacher"] = (
-      s["plain_teacher"]["images_per_s"] / s["dgr"]["images_per_s"] - 1)
+  if "plain" in s and "gr" in s:
+    record["overhead_gr_vs_plain"] = s["plain"]["images_per_s"] / s["gr"]["images_per_s"] - 1
+  if "plain_teacher" in s and "dgr" in s:
+    record["overhead_dgr_vs_plain_teacher"] = (
+        s["plain_teacher"]["images_per_s"] / s["dgr"]["images_per_s"] - 1)
   stats = device.memory_stats() or {}
   record["peak_memory_gib"] = stats.get("peak_bytes_in_use", 0) / 2**30
   if _PROTOCOL.value:

@@ -178,7 +178,7 @@ def test_launch_reports_config_errors(cifar100_npz, tmp_path):
 
 def test_non_finite_loss_stops_with_clear_error_and_keeps_checkpoint(cifar100_npz, tmp_path):
   """Epoch 0 trains normally (checkpointed); the lr then explodes and the loss becomes non-finite."""
-  config = tiny_config(cifar100_npz, **{"optim.milestones": (1,), "optim.lr_decay": 1e12})
+  config = tiny_config(cifar100_npz, **{"optim.milestones": (1,), "optim.lr_decay": float("inf")})
   with pytest.raises(FloatingPointError, match="non-finite loss in phase 0, epoch 1") as err:
     trainer.run(config, str(tmp_path))
   assert "checkpoint" in str(err.value)
@@ -208,3 +208,34 @@ def test_seeds_train_together_and_report_mean_and_std(cifar100_npz, tmp_path):
   matrices = np.asarray([np.asarray(r["acc_tag"], dtype=float) for r in per_seed])
   np.testing.assert_allclose(np.asarray(results["acc_tag"], dtype=float),
                              np.where(np.isnan(matrices[0]), np.nan, matrices.mean(axis=0)))
+
+
+def test_seed_executions_agree_with_separate_runs_and_pooling(cifar100_npz, tmp_path):
+  """Seeds 0,1 in one program (sequential and vmapped) equal runs of seed 0 and seed 1 alone, and
+  pooling those two runs with launch/combine_seeds.py gives the two-seed program's summary."""
+  small = {"protocol.num_tasks": 2, "protocol.num_classes": 8}
+  together = {mode: trainer.run(tiny_config(cifar100_npz, seeds="0,1", seed_execution=mode,
+                                            **small), str(tmp_path / mode))
+              for mode in ("sequential", "vmap")}
+  for seed in (0, 1):
+    trainer.run(tiny_config(cifar100_npz, seed=seed, **small), str(tmp_path / f"seed{seed}"))
+  out = tmp_path / "pooled.json"
+  pooled = subprocess.run(
+      [sys.executable, str(REPO / "launch" / "combine_seeds.py"), f"--out={out}",
+       str(tmp_path / "seed0" / "results.json"), str(tmp_path / "seed1" / "results.json")],
+      capture_output=True, text=True, check=True)
+  assert "2 seeds [0, 1]" in pooled.stdout
+  with open(out) as f:
+    pooled = json.load(f)
+  keys = ("average_incremental_accuracy", "average_incremental_accuracy_std", "last_accuracy")
+  for results in (*together.values(), pooled):
+    assert results["seeds"] == [0, 1]
+    for key in keys:
+      assert results[key] == pytest.approx(together["sequential"][key], abs=1e-6), key
+    for a, b in zip(results["per_seed"], together["sequential"]["per_seed"]):
+      np.testing.assert_allclose(a["per_class_accuracy"], b["per_class_accuracy"], atol=1e-6)
+  refused = subprocess.run(
+      [sys.executable, str(REPO / "launch" / "combine_seeds.py"), f"--out={out}",
+       str(tmp_path / "seed0" / "results.json"), str(tmp_path / "vmap" / "results.json")],
+      capture_output=True, text=True)
+  assert refused.returncode != 0 and "seeds repeat" in refused.stderr
