@@ -1,11 +1,13 @@
-"""Pure train / eval steps: epochs are device-side loops over device-resident data.
+"""Pure train / eval steps: epochs are ``lax.scan``s over device-resident data.
 
 Gradients (docs/method.md §3–§4): the backbone runs forward once and its VJP is kept; the classifier
 head is differentiated twice, once for L_CE and once for L_KD, so the CE and KD gradients of the
 classifier stay apart for DGR while the backbone gets the gradient of the total loss through a single
 backward pass. Shapes never depend on the phase: the classifier covers all classes, phase data are
-padded to one capacity and an epoch loops over as many batches as the phase has (a trip count that
-is data, not shape), so a run compiles one base-phase and one incremental epoch function.
+padded to one capacity and an epoch runs a fixed number of steps whose tail is skipped by
+``lax.cond``, so a run compiles one base-phase and one incremental epoch function. (A loop whose trip
+count is the phase's batch count was measured slower on an H100: a dynamic trip count makes the host
+wait for the device every iteration, BENCHMARKS.md.)
 """
 
 import dataclasses
@@ -51,8 +53,8 @@ class Method:
 class PhaseData(NamedTuple):
   """A phase's training set on device: new-class images plus exemplars, padded to a capacity.
 
-  ``size`` is shared by all seeds (they hold the same number of exemplars), which keeps the epoch's
-  trip count and its partial-batch ``lax.cond`` unbatched under the seed ``vmap``.
+  ``size`` is shared by all seeds (they hold the same number of exemplars), which keeps the
+  ``lax.cond`` that skips padding steps a real branch under the seed ``vmap``.
   """
   images: jax.Array  # uint8 [S, N, H, W, 3]
   labels: jax.Array  # int32 [S, N] class positions
@@ -136,29 +138,22 @@ def _epoch_start(carry, key, learning_rate, size, capacity: int):
 
 def train_step(carry, i, order, aug_key, teacher, data: PhaseData, consts: PhaseConstants, *,
                model: nn.Module, tx: optax.GradientTransformationExtraArgs, method: Method,
-               augment: Callable, batch_size: int, incremental: bool, mesh=None,
-               masked: bool = True):
-  """Step ``i`` of an epoch: batch ``order[i*B:(i+1)*B]``.
-
-  With ``masked`` the rows past ``size`` are masked out of the losses and BatchNorm statistics (the
-  epoch's last, partial batch); ``masked=False`` is for batches known to be all real rows and
-  skips the masking arithmetic.
-  """
+               augment: Callable, batch_size: int, incremental: bool, mesh=None):
+  """Step ``i`` of an epoch: batch ``order[i*B:(i+1)*B]`` (rows past ``size`` masked out)."""
   params, batch_stats, opt_state, step, sums = carry
   idx = jax.lax.dynamic_slice(order, (i * batch_size,), (batch_size,))
-  mask = (i * batch_size + jnp.arange(batch_size) < data.size) if masked else None
+  mask = i * batch_size + jnp.arange(batch_size) < data.size
   images, labels = data.images[idx], data.labels[idx]
   if mesh is not None:
     images = parallel.shard_batch_axis(images, mesh)
-    if masked:
-      mask = parallel.shard_batch_axis(mask, mesh)
+    mask = parallel.shard_batch_axis(mask, mesh)
   x = augment(jax.random.fold_in(aug_key, i), images)
   grads, kd_grads, batch_stats, m = _gradients(
       model, method, incremental, params, batch_stats, teacher, x, labels, mask, consts)
   updates, opt_state = tx.update(grads, opt_state, params,
                                  **_reweighting_args(method, incremental, consts, kd_grads))
   params = optax.apply_updates(params, updates)
-  n = jnp.sum(mask).astype(jnp.float32) if masked else jnp.float32(batch_size)
+  n = jnp.sum(mask).astype(jnp.float32)
   sums = {"loss_ce": sums["loss_ce"] + n * m["loss_ce"],
           "loss_kd": sums["loss_kd"] + n * m["loss_kd"], "examples": sums["examples"] + n}
   return params, batch_stats, opt_state, step + 1, sums
@@ -179,13 +174,9 @@ def _epoch_end(carry, consts: PhaseConstants):
   return (params, batch_stats, opt_state, step), out
 
 
-def train_epoch(carry, teacher, data: PhaseData, consts: PhaseConstants, key, learning_rate,
-                **step_kwargs):
-  """One epoch: ``size // B`` full batches in a loop, then the partial batch (masked), if any.
-
-  The loop's trip count is data (``size``), so one compiled epoch serves every phase; the full
-  batches run the unmasked step and only the last, partial batch pays for the mask. Nothing is
-  dropped, as in the reference's data loader.
+def train_epoch(carry, teacher, data: PhaseData, consts: PhaseConstants, key, learning_rate, *,
+                num_steps: int, **step_kwargs):
+  """One epoch as a single ``lax.scan``; the last batch is partial (masked), never dropped.
 
   Args:
     carry: ``(params, batch_stats, opt_state, step)``.
@@ -194,6 +185,8 @@ def train_epoch(carry, teacher, data: PhaseData, consts: PhaseConstants, key, le
     consts: the phase's :class:`PhaseConstants`.
     key: the epoch's PRNG key (order and augmentation).
     learning_rate: this epoch's SGD learning rate.
+    num_steps: static step count of the padded capacity; steps past ``ceil(size / batch)`` are
+      skipped by ``lax.cond``.
     **step_kwargs: the static arguments of :func:`train_step`.
 
   Returns:
@@ -203,18 +196,16 @@ def train_epoch(carry, teacher, data: PhaseData, consts: PhaseConstants, key, le
   carry, order, aug_key = _epoch_start(carry, key, learning_rate, data.size,
                                        data.labels.shape[0])
 
-  def step(i, c, masked):
-    return train_step(c, i, order, aug_key, teacher, data, consts, masked=masked, **step_kwargs)
+  def body(c, i):
+    run = lambda c: train_step(c, i, order, aug_key, teacher, data, consts, **step_kwargs)
+    return jax.lax.cond(i * batch_size < data.size, run, lambda c: c, c), None
 
-  full = data.size // batch_size
-  carry = jax.lax.fori_loop(0, full, lambda i, c: step(i, c, False), carry)
-  carry = jax.lax.cond(data.size % batch_size > 0, lambda c: step(full, c, True), lambda c: c,
-                       carry)
+  carry, _ = jax.lax.scan(body, carry, jnp.arange(num_steps))
   return _epoch_end(carry, consts)
 
 
 def train_epochs(carry, teacher, data: PhaseData, consts: PhaseConstants, keys, learning_rates,
-                 **step_kwargs):
+                 **epoch_kwargs):
   """Several epochs in one compiled call (``lax.scan`` over :func:`train_epoch`).
 
   ``keys`` and ``learning_rates`` hold one entry per epoch; the metrics come back stacked the same
@@ -222,7 +213,7 @@ def train_epochs(carry, teacher, data: PhaseData, consts: PhaseConstants, keys, 
   """
   def one_epoch(c, key_and_lr):
     key, lr = key_and_lr
-    return train_epoch(c, teacher, data, consts, key, lr, **step_kwargs)
+    return train_epoch(c, teacher, data, consts, key, lr, **epoch_kwargs)
 
   return jax.lax.scan(one_epoch, carry, (keys, learning_rates))
 
@@ -313,7 +304,7 @@ class StepFns(NamedTuple):
 
 
 def make_step_fns(model, tx, method: Method, train_augment, test_augment, *, batch_size: int,
-                  incremental: bool, epoch_as_scan: bool, mesh=None,
+                  num_steps: int, incremental: bool, epoch_as_scan: bool, mesh=None,
                   seed_execution: str = "vmap") -> StepFns:
   """Builds the jitted step functions (state/data arguments lead with a seed axis).
 
@@ -330,13 +321,12 @@ def make_step_fns(model, tx, method: Method, train_augment, test_augment, *, bat
       functools.partial(extract_features, model=model, augment=test_augment, mesh=mesh),
       (0, 0, 0)))
   if epoch_as_scan:
-    epochs = jax.jit(seeds(functools.partial(train_epochs, **step_kwargs),
+    epochs = jax.jit(seeds(functools.partial(train_epochs, num_steps=num_steps, **step_kwargs),
                            (0, 0, data_axes, None, 0, None)), donate_argnums=(0,))
     return StepFns(epochs, evaluate_fn, features_fn, (epochs, evaluate_fn, features_fn))
 
-  start = jax.jit(lambda carry, keys, lr, size, capacity: seeds(
-      functools.partial(_epoch_start, capacity=capacity), (0, 0, None, None))(
-          carry, keys, lr, size), static_argnums=(4,), donate_argnums=(0,))
+  start = jax.jit(seeds(functools.partial(_epoch_start, capacity=num_steps * batch_size),
+                        (0, 0, None, None)), donate_argnums=(0,))
   step = jax.jit(seeds(functools.partial(train_step, **step_kwargs),
                        (0, None, 0, 0, 0, data_axes, None)), donate_argnums=(0,))
   end = jax.jit(seeds(_epoch_end, (0, None)), donate_argnums=(0,))
@@ -344,8 +334,7 @@ def make_step_fns(model, tx, method: Method, train_augment, test_augment, *, bat
   def looped_epochs(carry, teacher, data, consts, keys, learning_rates):
     per_epoch = []
     for e in range(keys.shape[1]):
-      carry, order, aug_key = start(carry, keys[:, e], learning_rates[e], data.size,
-                                    data.labels.shape[1])
+      carry, order, aug_key = start(carry, keys[:, e], learning_rates[e], data.size)
       for i in range(-(-int(data.size) // batch_size)):
         carry = step(carry, jnp.int32(i), order, aug_key, teacher, data, consts)
       carry, m = end(carry, consts)

@@ -119,8 +119,9 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
   scan = {"auto": jax.default_backend() != "cpu", "true": True, "false": False}[
       str(config.epoch_as_scan).lower()]
   make = lambda incremental: steps.make_step_fns(
-      model, tx, method, train_aug, test_aug, batch_size=batch, incremental=incremental,
-      epoch_as_scan=scan, mesh=step_mesh, seed_execution=config.seed_execution)
+      model, tx, method, train_aug, test_aug, batch_size=batch, num_steps=capacity // batch,
+      incremental=incremental, epoch_as_scan=scan, mesh=step_mesh,
+      seed_execution=config.seed_execution)
   shape = (d.image_size, d.image_size, 3)
 
   def reinit(params, key_data, new_classes, phase):

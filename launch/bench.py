@@ -56,12 +56,13 @@ VARIANTS = {
 
 
 def _commit() -> str:
+  if os.environ.get("GR_JAX_COMMIT"):  # a copy of the tree whose .git may be stale
+    return os.environ["GR_JAX_COMMIT"]
   try:
     return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                           check=True, cwd=os.path.dirname(__file__)).stdout.strip()
   except (OSError, subprocess.CalledProcessError):
-    # A copy of the tree without .git (e.g. on a remote GPU machine): say it via the environment.
-    return os.environ.get("GR_JAX_COMMIT", "unknown")
+    return "unknown"
 
 
 def time_variant(config, name: str, num_seeds: int, profile_dir: str | None = None) -> dict:
@@ -80,7 +81,7 @@ def time_variant(config, name: str, num_seeds: int, profile_dir: str | None = No
   train_aug, test_aug = augment.get_augmentation(config.augment, size)
   capacity = batch * _STEPS.value
   fns = steps.make_step_fns(model, tx, method, train_aug, test_aug, batch_size=batch,
-                            incremental=incremental, epoch_as_scan=True,
+                            num_steps=_STEPS.value, incremental=incremental, epoch_as_scan=True,
                             seed_execution=config.seed_execution)
   keys = jax.random.split(jax.random.key(0), num_seeds)
   counts = np.concatenate([np.full(50, 500), np.full(50, 100)])
