@@ -1,8 +1,8 @@
 """The phase state: everything a run needs to continue, as one immutable pytree.
 
-Every leaf is an array with a leading seed axis ``S`` (independent runs trained together under
-``vmap``; ``S = 1`` for a single seed), so the whole state checkpoints with Orbax as it is and a
-restored state continues bit-identically.
+Every leaf is an array with a leading seed axis ``S`` (independent runs trained together, by a
+``lax.map`` or ``vmap``; ``S = 1`` for a single seed), so the whole state checkpoints with Orbax as
+it is and a restored state continues bit-identically.
 """
 
 from typing import Any

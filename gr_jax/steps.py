@@ -54,7 +54,7 @@ class PhaseData(NamedTuple):
   """A phase's training set on device: new-class images plus exemplars, padded to a capacity.
 
   ``size`` is shared by all seeds (they hold the same number of exemplars), which keeps the
-  ``lax.cond`` that skips padding steps a real branch under the seed ``vmap``.
+  ``lax.cond`` that skips padding steps a real branch under a seed ``vmap``.
   """
   images: jax.Array  # uint8 [S, N, H, W, 3]
   labels: jax.Array  # int32 [S, N] class positions
@@ -305,7 +305,7 @@ class StepFns(NamedTuple):
 
 def make_step_fns(model, tx, method: Method, train_augment, test_augment, *, batch_size: int,
                   num_steps: int, incremental: bool, epoch_as_scan: bool, mesh=None,
-                  seed_execution: str = "vmap") -> StepFns:
+                  seed_execution: str = "sequential") -> StepFns:
   """Builds the jitted step functions (state/data arguments lead with a seed axis).
 
   ``seed_execution`` says how several seeds share the program (:func:`over_seeds`).

@@ -1,7 +1,7 @@
 """The phase loop: the only place that sequences data, training, memory, evaluation and checkpoints.
 
 ``run(config, workdir)`` trains every phase of the class-incremental protocol for one or several
-seeds (vmapped together), resumes from the latest checkpoint in ``workdir`` and writes
+seeds (together in one program, ``config.seed_execution``), resumes from the latest checkpoint in ``workdir`` and writes
 ``results.json``, ``metrics.jsonl``, TensorBoard events and ``accuracy.png`` there.
 """
 

@@ -123,3 +123,24 @@ def test_plot_results_rejects_misaligned_counts(tmp_path):
   with pytest.raises(ValueError, match='train_counts'):
     report.plot_results(tmp_path, results, train_counts=[10])
   assert not (tmp_path / 'accuracy.png').exists()
+
+
+def test_plot_results_script_draws_runs_with_seed_bands(tmp_path):
+  """launch/plot_results.py: a pooled multi-seed run (band) and a single run in one PNG."""
+  one = {'avg_acc_per_phase': [60.0, 40.0, None], 'average_incremental_accuracy': 50.0}
+  pooled = {'average_incremental_accuracy': 45.0, 'average_incremental_accuracy_std': 1.0,
+            'per_seed': [{'avg_acc_per_phase': [55.0, 35.0, 30.0]},
+                         {'avg_acc_per_phase': [57.0, 33.0, 31.0]}]}
+  paths = []
+  for name, results in (('one', one), ('pooled', pooled)):
+    paths.append(tmp_path / f'{name}.json')
+    paths[-1].write_text(json.dumps(results))
+  out = tmp_path / 'phases.png'
+  script = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'launch', 'plot_results.py')
+  done = subprocess.run([sys.executable, script, f'--out={out}', f'single={paths[0]}',
+                         f'two seeds={paths[1]}'], capture_output=True, text=True)
+  assert done.returncode == 0, done.stderr
+  assert out.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+  bad = subprocess.run([sys.executable, script, f'--out={out}', str(paths[0])],
+                       capture_output=True, text=True)
+  assert bad.returncode != 0 and 'label=path' in bad.stderr

@@ -1,0 +1,65 @@
+r"""Accuracy per phase of several runs in one figure: ``python launch/plot_results.py
+--out=results/accuracy_per_phase.png DGR=results/a.json fine-tuning=results/b.json``.
+
+Each input is ``label=path`` to a ``results.json`` (one run, several seeds, or pooled by
+``launch/combine_seeds.py``). The curve is the TAg accuracy A_t after each phase (mean over the
+seeds); with several seeds a band shows ± one standard deviation over them. The legend gives the
+average incremental accuracy (mean ± std) and the seed count.
+"""
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app  # pylint: disable=g-import-not-at-top
+from absl import flags
+import numpy as np
+
+_OUT = flags.DEFINE_string("out", None, "PNG to write.")
+_TITLE = flags.DEFINE_string("title", "TAg accuracy after each phase", "Figure title.")
+flags.mark_flag_as_required("out")
+
+
+def _curves(results):
+  per_seed = results.get("per_seed") or [results]
+  acc = np.asarray([[np.nan if v is None else v for v in r["avg_acc_per_phase"]]
+                    for r in per_seed], dtype=np.float64)
+  return acc.mean(axis=0), acc.std(axis=0), len(per_seed)
+
+
+def main(argv):
+  inputs = argv[1:]
+  if not inputs or any("=" not in a for a in inputs):
+    raise app.UsageError("give the runs as label=path/to/results.json")
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  from matplotlib.ticker import MaxNLocator  # pylint: disable=g-import-not-at-top
+  fig = Figure(figsize=(7.5, 4.5))
+  FigureCanvasAgg(fig)
+  ax = fig.subplots()
+  for item in inputs:
+    label, path = item.split("=", 1)
+    with open(path) as f:
+      results = json.load(f)
+    mean, std, seeds = _curves(results)
+    phases = np.arange(mean.size)
+    aia = results["average_incremental_accuracy"]
+    text = f"{label}: AIA {aia:.2f}"
+    if seeds > 1:
+      text += f" ± {results['average_incremental_accuracy_std']:.2f} ({seeds} seeds)"
+      ax.fill_between(phases, mean - std, mean + std, alpha=0.2)
+    ax.plot(phases, mean, "o-", ms=3, label=text)
+  ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+  ax.set_xlabel("phase")
+  ax.set_ylabel("TAg accuracy A_t (%)")
+  ax.set_title(_TITLE.value)
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(_OUT.value, dpi=100)
+
+
+if __name__ == "__main__":
+  app.run(main)
