@@ -1,8 +1,9 @@
 """The phase loop: the only place that sequences data, training, memory, evaluation and checkpoints.
 
 ``run(config, workdir)`` trains every phase of the class-incremental protocol for one or several
-seeds (together in one program, ``config.seed_execution``), resumes from the latest checkpoint in ``workdir`` and writes
-``results.json``, ``metrics.jsonl``, TensorBoard events and ``accuracy.png`` there.
+seeds (together in one program, ``config.seed_execution``), resumes from the latest checkpoint in
+``workdir`` and writes ``results.json``, ``metrics.jsonl``, TensorBoard events and ``accuracy.png``
+there.
 """
 
 import dataclasses

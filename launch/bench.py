@@ -131,14 +131,19 @@ def main(argv):
   unknown = set(_VARIANTS.value + _PROFILE.value) - set(VARIANTS)
   if unknown:
     raise app.UsageError(f"unknown step kinds {sorted(unknown)}; choose from {list(VARIANTS)}")
+  if set(_PROFILE.value) - set(_VARIANTS.value):
+    raise app.UsageError(f"--profile={_PROFILE.value} names step kinds that --variants does not "
+                         "time; add them to --variants")
   for name in _VARIANTS.value:
     profile_dir = None
     if name in _PROFILE.value:
       profile_dir = os.path.join(_PROFILE_DIR.value, name)
     record["steps"][name] = time_variant(config, name, seeds, profile_dir)
-    if profile_dir:
+    if profile_dir and device.platform == "gpu":
       record["steps"][name]["profile"] = trace_summary.summarize(profile_dir, _STEPS.value)
       print(trace_summary.format_summary(record["steps"][name]["profile"]), flush=True)
+    elif profile_dir:  # the summary reads GPU kernels; other platforms keep the raw trace
+      record["steps"][name]["profile_dir"] = profile_dir
     print(name, json.dumps({k: v for k, v in record["steps"][name].items() if k != "profile"}),
           flush=True)
   s = record["steps"]

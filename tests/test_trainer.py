@@ -243,11 +243,15 @@ def test_combine_seeds_pools_separate_runs(cifar100_npz, tmp_path):
   refuses runs that share a seed or differ in config."""
   small = {"protocol.num_tasks": 2, "protocol.num_classes": 8}
   runs = {}
-  for name, overrides in (("seed0", dict(seed=0)), ("seed1", dict(seed=1)),
-                          ("lr", dict(seed=2, **{"optim.learning_rate": 0.05}))):
-    trainer.run(tiny_config(cifar100_npz, **small, **overrides), str(tmp_path / name))
-    with open(tmp_path / name / "results.json") as f:
-      runs[name] = json.load(f)
+  for seed in (0, 1):
+    trainer.run(tiny_config(cifar100_npz, seed=seed, **small), str(tmp_path / f"seed{seed}"))
+    with open(tmp_path / f"seed{seed}" / "results.json") as f:
+      runs[f"seed{seed}"] = json.load(f)
+  # A run of another config (as its results.json would say).
+  other = dict(runs["seed1"], seeds=[2], config=dict(runs["seed1"]["config"], seed=2))
+  other["config"]["optim"] = dict(other["config"]["optim"], learning_rate=0.05)
+  (tmp_path / "lr").mkdir()
+  (tmp_path / "lr" / "results.json").write_text(json.dumps(other))
   combine = lambda *names: subprocess.run(
       [sys.executable, str(REPO / "launch" / "combine_seeds.py"), f"--out={tmp_path / 'out.json'}",
        *[str(tmp_path / n / "results.json") for n in names]], capture_output=True, text=True)

@@ -1,0 +1,36 @@
+"""launch/bench.py on CPU: the JSON record, its step kinds, and flag errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _bench(*args):
+  return subprocess.run([sys.executable, os.path.join(ROOT, "launch", "bench.py"),
+                         "--config=" + os.path.join(ROOT, "configs", "cifar100_lt.py") + ":smoke",
+                         "--steps=2", "--epochs=1", *args],
+                        capture_output=True, text=True, cwd=ROOT,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu", GR_JAX_COMMIT="abc1234"))
+
+
+def test_bench_writes_a_record_with_throughput(tmp_path):
+  out = tmp_path / "bench.json"
+  done = _bench("--variants=plain", "--profile=plain", f"--profile_dir={tmp_path / 'prof'}",
+                f"--out={out}")
+  assert done.returncode == 0, done.stderr[-2000:]
+  record = json.loads(out.read_text())
+  assert record["commit"] == "abc1234" and record["model"] == "resnet8"
+  plain = record["steps"]["plain"]
+  assert set(record["steps"]) == {"plain"} and plain["images_per_s"] > 0
+  assert plain["images_per_s"] >= plain["images_per_s_mean"] > 0
+  assert os.path.isdir(plain["profile_dir"])  # CPU: the trace is kept, not summarised
+
+
+def test_bench_flag_errors(tmp_path):
+  unknown = _bench("--variants=plain,fast", f"--out={tmp_path / 'x.json'}")
+  assert unknown.returncode != 0 and "unknown step kinds ['fast']" in unknown.stderr
+  untimed = _bench("--variants=plain", "--profile=dgr", f"--out={tmp_path / 'x.json'}")
+  assert untimed.returncode != 0 and "add them to --variants" in untimed.stderr
