@@ -208,14 +208,45 @@ def test_seeds_train_together_and_report_mean_and_std(cifar100_npz, tmp_path):
   matrices = np.asarray([np.asarray(r["acc_tag"], dtype=float) for r in per_seed])
   np.testing.assert_allclose(np.asarray(results["acc_tag"], dtype=float),
                              np.where(np.isnan(matrices[0]), np.nan, matrices.mean(axis=0)))
+  _check_combine_seeds(tmp_path, json.loads((tmp_path / "results.json").read_text()))
 
 
-@pytest.mark.parametrize("epoch_as_scan", ["false", "true"])
-def test_seed_executions_agree_with_single_seed_programs(cifar100_npz, epoch_as_scan):
+def _check_combine_seeds(tmp_path, together):
+  """launch/combine_seeds.py pools the two seeds, written as separate single-seed runs, into the
+  two-seed run's summary; it refuses runs that share a seed or differ in config."""
+  paths = []
+  for seed, own in zip(together["seeds"], together["per_seed"]):
+    run = dict(own, seeds=[seed], config=dict(together["config"], seed=seed, seeds=""),
+               task_sizes=together["task_sizes"], class_order=together["class_order"],
+               train_counts=together["train_counts"], wall_time_s=1.5)
+    paths.append(tmp_path / f"seed{seed}.json")
+    paths[-1].write_text(json.dumps(run))
+  other = json.loads(paths[1].read_text())
+  other["seeds"], other["config"]["optim"] = [2], dict(other["config"]["optim"], learning_rate=0.05)
+  (tmp_path / "other.json").write_text(json.dumps(other))
+  combine = lambda *files: subprocess.run(
+      [sys.executable, str(REPO / "launch" / "combine_seeds.py"), f"--out={tmp_path / 'out.json'}",
+       *map(str, files)], capture_output=True, text=True)
+  done = combine(*paths)
+  assert done.returncode == 0 and "2 seeds [0, 1]" in done.stdout, done.stderr
+  pooled = json.loads((tmp_path / "out.json").read_text())
+  for key in ("average_incremental_accuracy", "average_incremental_accuracy_std", "last_accuracy",
+              "last_accuracy_std", "per_seed", "acc_tag", "shot_accuracy", "seeds"):
+    assert pooled[key] == together[key], key
+  assert pooled["wall_time_s"] == 3.0
+  repeated = combine(paths[0], paths[0])
+  assert repeated.returncode != 0 and "seeds repeat" in repeated.stderr
+  differs = combine(paths[0], tmp_path / "other.json")
+  assert differs.returncode != 0 and "optim" in differs.stderr
+
+
+def test_seed_executions_agree_with_single_seed_programs(cifar100_npz):
   """One step of seeds 0,1 in one program (sequential and vmapped) equals seed 0 and seed 1 each
-  trained alone, leaf by leaf. (One step: over many steps of this tiny run float32 rounding
-  differences between programs grow ~50x a step, see tests/parallel_check.py.)"""
-  small = {"protocol.num_tasks": 2, "protocol.num_classes": 8, "epoch_as_scan": epoch_as_scan,
+  trained alone, leaf by leaf, through the scanned epoch (the GPU path; the CPU loop path runs two
+  sequential seeds in test_seeds_train_together_and_report_mean_and_std). One step: over many steps
+  of this tiny run float32 rounding differences between programs grow ~50x a step, see
+  tests/parallel_check.py."""
+  small = {"protocol.num_tasks": 2, "protocol.num_classes": 8, "epoch_as_scan": "true",
            "protocol.max_train_per_class": 4}  # 4 base classes x <= 4 images: one batch
 
   def one_epoch(**overrides):
@@ -236,37 +267,3 @@ def test_seed_executions_agree_with_single_seed_programs(cifar100_npz, epoch_as_
   # The seeds really differ (so agreeing with each one alone is not trivial).
   kernel = expected[0][0]["classifier"]["kernel"]
   assert np.linalg.norm(kernel[0] - kernel[1]) > 0.1 * np.linalg.norm(kernel[0])
-
-
-def test_combine_seeds_pools_separate_runs(cifar100_npz, tmp_path):
-  """launch/combine_seeds.py turns runs of seed 0 and seed 1 into one mean ± std summary, and
-  refuses runs that share a seed or differ in config."""
-  small = {"protocol.num_tasks": 2, "protocol.num_classes": 8}
-  runs = {}
-  for seed in (0, 1):
-    trainer.run(tiny_config(cifar100_npz, seed=seed, **small), str(tmp_path / f"seed{seed}"))
-    with open(tmp_path / f"seed{seed}" / "results.json") as f:
-      runs[f"seed{seed}"] = json.load(f)
-  # A run of another config (as its results.json would say).
-  other = dict(runs["seed1"], seeds=[2], config=dict(runs["seed1"]["config"], seed=2))
-  other["config"]["optim"] = dict(other["config"]["optim"], learning_rate=0.05)
-  (tmp_path / "lr").mkdir()
-  (tmp_path / "lr" / "results.json").write_text(json.dumps(other))
-  combine = lambda *names: subprocess.run(
-      [sys.executable, str(REPO / "launch" / "combine_seeds.py"), f"--out={tmp_path / 'out.json'}",
-       *[str(tmp_path / n / "results.json") for n in names]], capture_output=True, text=True)
-  done = combine("seed0", "seed1")
-  assert done.returncode == 0 and "2 seeds [0, 1]" in done.stdout, done.stderr
-  with open(tmp_path / "out.json") as f:
-    pooled = json.load(f)
-  values = [runs[n]["average_incremental_accuracy"] for n in ("seed0", "seed1")]
-  assert pooled["seeds"] == [0, 1] and len(pooled["per_seed"]) == 2
-  assert pooled["average_incremental_accuracy"] == pytest.approx(np.mean(values))
-  assert pooled["average_incremental_accuracy_std"] == pytest.approx(np.std(values))
-  assert pooled["per_seed"][1]["last_accuracy"] == runs["seed1"]["last_accuracy"]
-  assert pooled["wall_time_s"] == pytest.approx(runs["seed0"]["wall_time_s"] +
-                                                runs["seed1"]["wall_time_s"])
-  repeated = combine("seed0", "seed0")
-  assert repeated.returncode != 0 and "seeds repeat" in repeated.stderr
-  other = combine("seed0", "lr")
-  assert other.returncode != 0 and "optim" in other.stderr
