@@ -295,6 +295,13 @@ def mean_over_seeds(per_seed: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
   return out
 
 
+def seed_summary(per_seed: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+  """One seed's results as they are; several seeds' as their mean, ``*_std`` and ``per_seed``."""
+  if len(per_seed) == 1:
+    return dict(per_seed[0])
+  return dict(mean_over_seeds(per_seed), per_seed=list(per_seed))
+
+
 def _per_seed(results: Mapping[str, Any]) -> list[dict[str, Any]]:
   if 'per_seed' in results:
     return [dict(r) for r in results['per_seed']]
@@ -312,25 +319,25 @@ def combine_seed_results(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
   """
   if not runs:
     raise ValueError('combine_seed_results needs at least one results dict')
-  strip = lambda c: {k: v for k, v in (c or {}).items() if k not in _SEED_CONFIG_KEYS}
+  strip = lambda r: {k: v for k, v in (r.get('config') or {}).items()
+                     if k not in _SEED_CONFIG_KEYS}
   first = runs[0]
+  first_config = strip(first)
   for i, r in enumerate(runs[1:], 1):
     for key in ('task_sizes', 'class_order', 'train_counts'):
       if r.get(key) != first.get(key):
         raise ValueError(f'run {i} differs from run 0 in {key}: only runs that differ in their '
                          'seeds can be pooled')
-    if strip(r.get('config')) != strip(first.get('config')):
-      diff = sorted(k for k in set(strip(r.get('config'))) | set(strip(first.get('config')))
-                    if strip(r.get('config')).get(k) != strip(first.get('config')).get(k))
+    config = strip(r)
+    if config != first_config:
+      diff = sorted(k for k in set(config) | set(first_config)
+                    if config.get(k) != first_config.get(k))
       raise ValueError(f'run {i} has another config than run 0 (differs in {diff}): only runs '
                        'that differ in their seeds can be pooled')
   seeds = [s for r in runs for s in r['seeds']]
   if len(set(seeds)) != len(seeds):
     raise ValueError(f'seeds repeat across the runs: {seeds}')
-  per_seed = [p for r in runs for p in _per_seed(r)]
-  out = mean_over_seeds(per_seed) if len(per_seed) > 1 else dict(per_seed[0])
-  if len(per_seed) > 1:
-    out['per_seed'] = per_seed
+  out = seed_summary([p for r in runs for p in _per_seed(r)])
   out['seeds'] = seeds
   for key in ('task_sizes', 'class_order', 'train_counts', 'config'):
     if key in first:

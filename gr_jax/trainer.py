@@ -296,9 +296,7 @@ def _summaries(exp: Experiment, state: state_lib.TrainState) -> dict[str, Any]:
   per_seed = [metrics.summarize(np.asarray(state.correct_tag[s]), np.asarray(state.correct_taw[s]),
                                 num_test, plan.task_sizes, plan.train_counts)
               for s in range(len(exp.seeds))]
-  results = dict(per_seed[0]) if len(per_seed) == 1 else report.mean_over_seeds(per_seed)
-  if len(per_seed) > 1:
-    results["per_seed"] = per_seed
+  results = report.seed_summary(per_seed)
   results["seeds"] = list(exp.seeds)
   results["task_sizes"] = list(plan.task_sizes)
   results["class_order"] = [int(c) for c in plan.class_order]
