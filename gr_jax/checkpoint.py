@@ -13,13 +13,16 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from gr_jax import report
+
 # Config keys that change how a run is observed or resumed, not what it computes.
 _NOT_FINGERPRINTED = ("checkpoint", "num_devices", "eval_chunk", "epoch_as_scan")
 
 
 def fingerprint(config_dict: dict[str, Any]) -> str:
   """A stable hash of the config entries that determine a run's results."""
-  relevant = {k: v for k, v in config_dict.items() if k not in _NOT_FINGERPRINTED}
+  relevant = {k: v for k, v in report.comparable_config(config_dict).items()
+              if k not in _NOT_FINGERPRINTED}
   blob = json.dumps(relevant, sort_keys=True, default=str)
   return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

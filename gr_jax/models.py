@@ -57,19 +57,20 @@ def _bn_mask(mask: jax.Array | None) -> jax.Array | None:
   return None if mask is None else jnp.asarray(mask, bool)[:, None, None, None]
 
 
-def _bn(train: bool, dtype: Dtype, name: str) -> nn.BatchNorm:
+def _bn(train: bool, dtype: Dtype, fast_variance: bool, name: str) -> nn.BatchNorm:
   """BatchNorm with torch defaults; call it as ``_bn(...)(x, mask=_bn_mask(mask))``.
 
-  The batch variance is flax's fast ``E[x²] − E[x]²`` (one fused reduction pass; statistics are
-  accumulated in float32 also under bf16): 9 % more DGR steps/s on an H100 than the two-pass form
-  (BENCHMARKS.md).
+  ``fast_variance``: the batch variance as ``E[x²] − E[x]²`` (one fused reduction pass; statistics
+  are accumulated in float32 also under bf16), 9 % more DGR steps/s on an H100 than the two-pass
+  ``E[(x − E[x])²]`` of torch (BENCHMARKS.md), at some precision where a channel's mean is large
+  against its spread (RESULTS.md compares the accuracy of both).
 
   The mask only enters batch statistics (flax ignores it with running averages), so padded rows
   (mask False) never affect the normalisation of real rows nor the running averages.
   """
   return nn.BatchNorm(
       use_running_average=not train, momentum=_BN_MOMENTUM, epsilon=_BN_EPSILON, dtype=dtype,
-      param_dtype=jnp.float32, name=name)
+      param_dtype=jnp.float32, use_fast_variance=fast_variance, name=name)
 
 
 def _conv(features: int, kernel: int, stride: int, padding: int, dtype: Dtype, name: str):
@@ -85,17 +86,18 @@ class BasicBlock(nn.Module):
   features: int
   stride: int = 1
   dtype: Dtype = jnp.float32
+  bn_fast_variance: bool = True
 
   @nn.compact
   def __call__(self, x, train: bool, mask: jax.Array | None):
     m = _bn_mask(mask)
     y = _conv(self.features, 3, self.stride, 1, self.dtype, 'conv1')(x)
-    y = nn.relu(_bn(train, self.dtype, 'bn1')(y, mask=m))
+    y = nn.relu(_bn(train, self.dtype, self.bn_fast_variance, 'bn1')(y, mask=m))
     y = _conv(self.features, 3, 1, 1, self.dtype, 'conv2')(y)
-    y = _bn(train, self.dtype, 'bn2')(y, mask=m)
+    y = _bn(train, self.dtype, self.bn_fast_variance, 'bn2')(y, mask=m)
     if self.stride != 1 or x.shape[-1] != self.features:
       x = _conv(self.features, 1, self.stride, 0, self.dtype, 'downsample_conv')(x)
-      x = _bn(train, self.dtype, 'downsample_bn')(x, mask=m)
+      x = _bn(train, self.dtype, self.bn_fast_variance, 'downsample_bn')(x, mask=m)
     return nn.relu(y + x)
 
 
@@ -113,6 +115,7 @@ class _ResNetBackbone(nn.Module):
   widths: Sequence[int]
   blocks: int
   dtype: Dtype = jnp.float32
+  bn_fast_variance: bool = True
 
   @nn.compact
   def __call__(self, x, train: bool, mask: jax.Array | None = None):
@@ -120,15 +123,17 @@ class _ResNetBackbone(nn.Module):
     m = _bn_mask(mask)
     if self.stem == 'cifar':
       x = _conv(self.stem_width, 3, 1, 1, self.dtype, 'conv1')(x)
-      x = nn.relu(_bn(train, self.dtype, 'bn1')(x, mask=m))
+      x = nn.relu(_bn(train, self.dtype, self.bn_fast_variance, 'bn1')(x, mask=m))
     else:
       x = _conv(self.stem_width, 7, 2, 3, self.dtype, 'conv1')(x)
-      x = nn.relu(_bn(train, self.dtype, 'bn1')(x, mask=m))
+      x = nn.relu(_bn(train, self.dtype, self.bn_fast_variance, 'bn1')(x, mask=m))
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     for stage, width in enumerate(self.widths):
       for block in range(self.blocks):
         stride = 2 if stage > 0 and block == 0 else 1
-        x = BasicBlock(width, stride, self.dtype, name=f'layer{stage + 1}_{block}')(x, train, mask)
+        block_module = BasicBlock(width, stride, self.dtype, self.bn_fast_variance,
+                                  name=f'layer{stage + 1}_{block}')
+        x = block_module(x, train, mask)
     return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
 
 
@@ -136,6 +141,7 @@ class _Classifier(nn.Module):
   """Top-level model: ``backbone`` -> D-d features, ``classifier`` Dense -> C float32 logits."""
   num_classes: int
   dtype: Dtype = jnp.float32
+  bn_fast_variance: bool = True
 
   def _make_backbone(self) -> nn.Module:
     raise NotImplementedError
@@ -180,7 +186,7 @@ class ResNet32(_Classifier):
     return 64
 
   def _make_backbone(self):
-    return _ResNetBackbone('cifar', 16, (16, 32, 64), 5, self.dtype)
+    return _ResNetBackbone('cifar', 16, (16, 32, 64), 5, self.dtype, self.bn_fast_variance)
 
 
 class ResNet18(_Classifier):
@@ -191,7 +197,8 @@ class ResNet18(_Classifier):
     return 512
 
   def _make_backbone(self):
-    return _ResNetBackbone('imagenet', 64, (64, 128, 256, 512), 2, self.dtype)
+    return _ResNetBackbone('imagenet', 64, (64, 128, 256, 512), 2, self.dtype,
+                           self.bn_fast_variance)
 
 
 class ResNet8(_Classifier):
@@ -202,15 +209,16 @@ class ResNet8(_Classifier):
     return 64
 
   def _make_backbone(self):
-    return _ResNetBackbone('cifar', 16, (16, 32, 64), 1, self.dtype)
+    return _ResNetBackbone('cifar', 16, (16, 32, 64), 1, self.dtype, self.bn_fast_variance)
 
 
 _MODELS = {'resnet32': ResNet32, 'resnet18': ResNet18, 'resnet8': ResNet8}
 
 
-def create_model(name: str, num_classes: int, dtype: Dtype = jnp.float32) -> nn.Module:
+def create_model(name: str, num_classes: int, dtype: Dtype = jnp.float32, *,
+                 bn_fast_variance: bool = True) -> nn.Module:
   """Builds a model by name ('resnet32' for CIFAR, 'resnet18' for ImageNet-style data, 'resnet8'
-  for tests).
+  for tests); ``bn_fast_variance=False`` computes BatchNorm's batch variance in two passes (torch).
 
   Raises:
     ValueError: for an unknown name; the message lists the valid ones.
@@ -219,4 +227,4 @@ def create_model(name: str, num_classes: int, dtype: Dtype = jnp.float32) -> nn.
     cls = _MODELS[name.lower()]
   except KeyError:
     raise ValueError(f'unknown model {name!r}; valid names: {sorted(_MODELS)}') from None
-  return cls(num_classes=num_classes, dtype=dtype)
+  return cls(num_classes=num_classes, dtype=dtype, bn_fast_variance=bn_fast_variance)

@@ -267,6 +267,15 @@ _RUN_KEYS = ('seeds', 'task_sizes', 'class_order', 'train_counts', 'config', 'wa
              'devices')
 # Config entries that may differ between runs whose seeds are pooled.
 _SEED_CONFIG_KEYS = ('seed', 'seeds', 'seed_execution')
+# Config entries added after runs were first recorded, with the value those runs computed with.
+_LATER_CONFIG_KEYS = {'bn_fast_variance': True}
+
+
+def comparable_config(config_dict: Mapping[str, Any]) -> dict[str, Any]:
+  """The config without entries added later that hold the value older runs implicitly had, so
+  older checkpoints still resume (same fingerprint) and older results still pool with new ones."""
+  return {k: v for k, v in config_dict.items()
+          if not (k in _LATER_CONFIG_KEYS and v == _LATER_CONFIG_KEYS[k])}
 
 
 def mean_over_seeds(per_seed: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -319,7 +328,7 @@ def combine_seed_results(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
   """
   if not runs:
     raise ValueError('combine_seed_results needs at least one results dict')
-  strip = lambda r: {k: v for k, v in (r.get('config') or {}).items()
+  strip = lambda r: {k: v for k, v in comparable_config(r.get('config') or {}).items()
                      if k not in _SEED_CONFIG_KEYS}
   first = runs[0]
   first_config = strip(first)

@@ -108,7 +108,8 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
   batch = config.optim.batch_size
   parallel.check_batch(batch, mesh)
   capacity = _round_up(capacity, batch)
-  model = models.create_model(config.model, plan.num_classes, dtype)
+  model = models.create_model(config.model, plan.num_classes, dtype,
+                              bn_fast_variance=config.bn_fast_variance)
   method = method_from_config(config)
   tx = state_lib.make_optimizer(reweighting=method.reweighting != "none",
                                 weight_decay=config.optim.weight_decay,

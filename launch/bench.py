@@ -74,7 +74,8 @@ def time_variant(config, name: str, num_seeds: int, profile_dir: str | None = No
   num_classes, batch = 100, config.optim.batch_size
   size = config.data.image_size
   dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.dtype]
-  model = models.create_model(config.model, num_classes, dtype)
+  model = models.create_model(config.model, num_classes, dtype,
+                              bn_fast_variance=config.bn_fast_variance)
   tx = state_lib.make_optimizer(reweighting=method.reweighting != "none",
                                 weight_decay=config.optim.weight_decay,
                                 momentum=config.optim.momentum, clip_norm=config.optim.clip_norm)

@@ -1,4 +1,5 @@
 """Tests for gr_jax.models: shapes, parameter count, masked BatchNorm, eval mode, dtypes."""
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -158,3 +159,38 @@ def test_bfloat16_compute_keeps_float32_params_and_logits(resnet32):
 def test_create_model_unknown_name():
   with pytest.raises(ValueError, match='resnet18.*resnet32'):
     models.create_model('vgg16', 10)
+
+
+def test_two_pass_batchnorm_variance_keeps_precision_where_one_pass_cancels():
+  # A channel whose mean (1000) dwarfs its spread (0.01): E[x²] − E[x]² cancels in float32, the
+  # two-pass E[(x − E[x])²] (torch's form, bn_fast_variance=False) does not.
+  x = 1000.0 + 0.01 * np.random.default_rng(0).normal(size=(16, 4, 4, 3)).astype(np.float32)
+  want = x.astype(np.float64).var(axis=(0, 1, 2))
+  errors = {}
+  for fast in (True, False):
+    bn = models._bn(True, jnp.float32, fast, 'bn')
+    variables = bn.init(jax.random.key(0), x)
+    _, updated = bn.apply(variables, x, mutable=['batch_stats'])
+    # Running var after one step from 1: 0.9 · 1 + 0.1 · batch variance.
+    got = (np.asarray(updated['batch_stats']['var'], np.float64) - 0.9) / 0.1
+    errors[fast] = np.max(np.abs(got - want) / want)
+  assert errors[False] < 0.05, errors
+  assert errors[True] > 10 * errors[False], errors
+
+
+@pytest.mark.parametrize('fast', [True, False])
+def test_bn_fast_variance_reaches_every_batchnorm(fast):
+  model = models.create_model('resnet8', 10, bn_fast_variance=fast)
+  x = jnp.zeros((2, 8, 8, 3))
+  variables = model.init(jax.random.key(0), x, train=False)
+  seen = []
+
+  def record(next_fun, args, kwargs, context):
+    if isinstance(context.module, nn.BatchNorm):
+      seen.append(context.module.use_fast_variance)
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(record):
+    model.apply(variables, x, train=True, mutable=['batch_stats'])
+  assert len(seen) == 9  # stem + 3 blocks × 2 + 2 shortcut BNs
+  assert set(seen) == {fast}
