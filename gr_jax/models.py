@@ -62,8 +62,8 @@ def _bn(train: bool, dtype: Dtype, fast_variance: bool, name: str) -> nn.BatchNo
 
   ``fast_variance``: the batch variance as ``E[x²] − E[x]²`` (one fused reduction pass; statistics
   are accumulated in float32 also under bf16), 9 % more DGR steps/s on an H100 than the two-pass
-  ``E[(x − E[x])²]`` of torch (BENCHMARKS.md), at some precision where a channel's mean is large
-  against its spread (RESULTS.md compares the accuracy of both).
+  ``E[(x − E[x])²]`` of torch (BENCHMARKS.md), but it loses precision where a channel's mean is
+  large against its spread (RESULTS.md compares the accuracy of both).
 
   The mask only enters batch statistics (flax ignores it with running averages), so padded rows
   (mask False) never affect the normalisation of real rows nor the running averages.
