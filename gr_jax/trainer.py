@@ -334,8 +334,11 @@ def run(config: ml_collections.ConfigDict, workdir: str,
       while int(state.phase[0]) < plan.num_phases:
         phase = int(state.phase[0])
         fns = exp.incremental_steps if phase else exp.base_steps
+        tic = time.time()
         data = _phase_data(exp, state, phase)
         consts = _constants(exp, phase)
+        # Where this phase's time goes, in this process (a resumed phase counts its epochs since).
+        timing = {"time/phase_data_s": time.time() - tic, "time/train_s": 0.0}
         teacher = (state.teacher_params, state.teacher_batch_stats)
         while int(state.epoch[0]) < epochs_per_phase:
           epoch = int(state.epoch[0])
@@ -350,6 +353,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
               jnp.asarray(lrs, jnp.float32))
           chunk_metrics = jax.tree.map(np.asarray, chunk_metrics)  # [S, count] each
           seconds = time.time() - tic
+          timing["time/train_s"] += seconds
           loss = chunk_metrics["loss"]
           if not np.all(np.isfinite(loss)):
             bad = epoch + int(np.argmax(~np.isfinite(loss).all(axis=0)))
@@ -374,11 +378,16 @@ def run(config: ml_collections.ConfigDict, workdir: str,
                         "phases": plan.num_phases, **scalars})
           if epoch + count < epochs_per_phase:
             checkpointer.save(phase * (epochs_per_phase + 1) + epoch + count, state, elapsed())
-        state = _finish_phase(exp, state, phase)
+        tic = time.time()
+        state = jax.block_until_ready(_finish_phase(exp, state, phase))
+        timing["time/phase_end_s"] = time.time() - tic
+        tic = time.time()
         checkpointer.save((phase + 1) * (epochs_per_phase + 1), state, elapsed())
+        timing["time/checkpoint_s"] = time.time() - tic
         acc = np.asarray(state.correct_tag[:, phase]).sum(-1) / max(
             1, exp.test.num_test[:plan.class_range(phase)[1]].sum())
-        writer.write_scalars(int(state.step[0]), {"eval/acc_tag_weighted": 100 * float(acc.mean())},
+        writer.write_scalars(int(state.step[0]),
+                             {"eval/acc_tag_weighted": 100 * float(acc.mean()), **timing},
                              phase=phase)
   finally:
     checkpointer.close()

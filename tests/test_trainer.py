@@ -47,6 +47,12 @@ def test_run_writes_every_output(uninterrupted):
   # Phases >= 1 distil: their KD loss is positive, the base phase has none.
   assert all(l["train/loss_kd"] == 0 for l in train if l["phase"] == 0)
   assert all(l["train/loss_kd"] > 0 for l in train if l["phase"] > 0)
+  # One line per phase end: its accuracy and where the phase's time went.
+  ends = [l for l in lines if "eval/acc_tag_weighted" in l]
+  assert [l["phase"] for l in ends] == list(range(phases))
+  for l in ends:
+    timing = [l[f"time/{k}_s"] for k in ("phase_data", "train", "phase_end", "checkpoint")]
+    assert all(t >= 0 for t in timing) and l["time/train_s"] > 0, l
   assert (workdir / "checkpoints").is_dir()
 
 
