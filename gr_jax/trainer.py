@@ -338,7 +338,8 @@ def run(config: ml_collections.ConfigDict, workdir: str,
         data = _phase_data(exp, state, phase)
         consts = _constants(exp, phase)
         # Where this phase's time goes, in this process (a resumed phase counts its epochs since).
-        timing = {"time/phase_data_s": time.time() - tic, "time/train_s": 0.0}
+        timing = {"time/phase_data_s": time.time() - tic, "time/train_s": 0.0,
+                  "time/checkpoint_s": 0.0}
         teacher = (state.teacher_params, state.teacher_batch_stats)
         while int(state.epoch[0]) < epochs_per_phase:
           epoch = int(state.epoch[0])
@@ -377,13 +378,15 @@ def run(config: ml_collections.ConfigDict, workdir: str,
               on_epoch({"phase": phase, "epoch": epoch + i, "epochs": epochs_per_phase,
                         "phases": plan.num_phases, **scalars})
           if epoch + count < epochs_per_phase:
+            tic = time.time()
             checkpointer.save(phase * (epochs_per_phase + 1) + epoch + count, state, elapsed())
+            timing["time/checkpoint_s"] += time.time() - tic
         tic = time.time()
         state = jax.block_until_ready(_finish_phase(exp, state, phase))
         timing["time/phase_end_s"] = time.time() - tic
         tic = time.time()
         checkpointer.save((phase + 1) * (epochs_per_phase + 1), state, elapsed())
-        timing["time/checkpoint_s"] = time.time() - tic
+        timing["time/checkpoint_s"] += time.time() - tic
         acc = np.asarray(state.correct_tag[:, phase]).sum(-1) / max(
             1, exp.test.num_test[:plan.class_range(phase)[1]].sum())
         writer.write_scalars(int(state.step[0]),
