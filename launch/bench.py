@@ -35,7 +35,10 @@ from launch import trace_summary
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:presets].")
 _OUT = flags.DEFINE_string("out", "bench.json", "Where to write the JSON record.")
-_STEPS = flags.DEFINE_integer("steps", 40, "Steps per timed epoch.")
+_STEPS = flags.DEFINE_integer("steps", 40, "Steps per timed epoch (the compiled scan length).")
+_REAL_STEPS = flags.DEFINE_integer(
+    "real_steps", None, "Steps of each epoch that hold data (default: all). The rest are padding "
+    "that lax.cond skips, as in the protocol's phases smaller than the largest one.")
 _EPOCHS = flags.DEFINE_integer("epochs", 3, "Timed epochs per variant (after one warm-up).")
 _PROTOCOL = flags.DEFINE_bool("protocol", False, "Also time the config's whole protocol.")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/bench", "Workdir of the protocol run.")
@@ -81,6 +84,7 @@ def time_variant(config, name: str, num_seeds: int, profile_dir: str | None = No
                                 momentum=config.optim.momentum, clip_norm=config.optim.clip_norm)
   train_aug, test_aug = augment.get_augmentation(config.augment, size)
   capacity = batch * _STEPS.value
+  real = batch * (_STEPS.value if _REAL_STEPS.value is None else _REAL_STEPS.value)
   fns = steps.make_step_fns(model, tx, method, train_aug, test_aug, batch_size=batch,
                             num_steps=_STEPS.value, incremental=incremental, epoch_as_scan=True,
                             seed_execution=config.seed_execution)
@@ -93,7 +97,7 @@ def time_variant(config, name: str, num_seeds: int, profile_dir: str | None = No
   high = 55 if incremental else 50
   data = steps.PhaseData(
       jnp.asarray(rng.integers(0, 256, (num_seeds, capacity, size, size, 3), np.uint8)),
-      jnp.asarray(rng.integers(0, high, (num_seeds, capacity), np.int32)), jnp.int32(capacity))
+      jnp.asarray(rng.integers(0, high, (num_seeds, capacity), np.int32)), jnp.int32(real))
   teacher = (state.teacher_params, state.teacher_batch_stats)
   carry = (state.params, state.batch_stats, state.opt_state, state.step)
   tic = time.perf_counter()
@@ -113,8 +117,8 @@ def time_variant(config, name: str, num_seeds: int, profile_dir: str | None = No
     jax.block_until_ready(m)
     jax.profiler.stop_trace()
   best = min(times)
-  return {"images_per_s": num_seeds * capacity / best,
-          "images_per_s_mean": num_seeds * capacity * len(times) / sum(times), "epoch_s": best,
+  return {"images_per_s": num_seeds * real / best,
+          "images_per_s_mean": num_seeds * real * len(times) / sum(times), "epoch_s": best,
           "compile_and_first_epoch_s": compile_and_first,
           "loss": float(np.mean(m["loss"]))}
 
@@ -127,11 +131,16 @@ def main(argv):
             "num_devices": jax.device_count(), "jax": jax.__version__,
             "date": datetime.date.today().isoformat(), "commit": _commit(),
             "model": config.model, "image_size": config.data.image_size,
-            "batch_size": config.optim.batch_size, "dtype": config.dtype, "steps": {}}
+            "batch_size": config.optim.batch_size, "dtype": config.dtype,
+            "steps_per_epoch": _STEPS.value,
+            "real_steps_per_epoch": _REAL_STEPS.value or _STEPS.value, "steps": {}}
   seeds = len(trainer.parse_seeds(config))
   unknown = set(_VARIANTS.value + _PROFILE.value) - set(VARIANTS)
   if unknown:
     raise app.UsageError(f"unknown step kinds {sorted(unknown)}; choose from {list(VARIANTS)}")
+  if _REAL_STEPS.value is not None and not 1 <= _REAL_STEPS.value <= _STEPS.value:
+    raise app.UsageError(f"--real_steps={_REAL_STEPS.value} must be between 1 and --steps="
+                         f"{_STEPS.value}")
   if set(_PROFILE.value) - set(_VARIANTS.value):
     raise app.UsageError(f"--profile={_PROFILE.value} names step kinds that --variants does not "
                          "time; add them to --variants")
@@ -141,7 +150,8 @@ def main(argv):
       profile_dir = os.path.join(_PROFILE_DIR.value, name)
     record["steps"][name] = time_variant(config, name, seeds, profile_dir)
     if profile_dir and device.platform == "gpu":
-      record["steps"][name]["profile"] = trace_summary.summarize(profile_dir, _STEPS.value)
+      record["steps"][name]["profile"] = trace_summary.summarize(
+          profile_dir, _REAL_STEPS.value or _STEPS.value)
       print(trace_summary.format_summary(record["steps"][name]["profile"]), flush=True)
     elif profile_dir:  # the summary reads GPU kernels; other platforms keep the raw trace
       record["steps"][name]["profile_dir"] = profile_dir

@@ -18,10 +18,12 @@ def _bench(*args):
 
 def test_bench_writes_a_record_with_throughput(tmp_path):
   out = tmp_path / "bench.json"
-  done = _bench("--variants=plain", f"--out={out}")
+  done = _bench("--variants=plain", "--real_steps=1", f"--out={out}")
   assert done.returncode == 0, done.stderr[-2000:]
   record = json.loads(out.read_text())
   assert record["commit"] == "abc1234" and record["model"] == "resnet8"
+  # One of the two scanned steps holds data; the other is padding that the epoch skips.
+  assert record["steps_per_epoch"] == 2 and record["real_steps_per_epoch"] == 1
   plain = record["steps"]["plain"]
   assert set(record["steps"]) == {"plain"} and plain["images_per_s"] > 0
   assert plain["images_per_s"] >= plain["images_per_s_mean"] > 0
@@ -32,3 +34,6 @@ def test_bench_flag_errors(tmp_path):
   assert unknown.returncode != 0 and "unknown step kinds ['fast']" in unknown.stderr
   untimed = _bench("--variants=plain", "--profile=dgr", f"--out={tmp_path / 'x.json'}")
   assert untimed.returncode != 0 and "add them to --variants" in untimed.stderr
+  too_many = _bench("--variants=plain", "--real_steps=3", f"--out={tmp_path / 'x.json'}")
+  assert too_many.returncode != 0 and "--real_steps=3 must be between 1 and --steps=2" in (
+      too_many.stderr)
