@@ -15,14 +15,11 @@ import orbax.checkpoint as ocp
 
 from gr_jax import report
 
-# Config keys that change how a run is observed or resumed, not what it computes.
-_NOT_FINGERPRINTED = ("checkpoint", "num_devices", "eval_chunk", "epoch_as_scan")
-
 
 def fingerprint(config_dict: dict[str, Any]) -> str:
   """A stable hash of the config entries that determine a run's results."""
   relevant = {k: v for k, v in report.comparable_config(config_dict).items()
-              if k not in _NOT_FINGERPRINTED}
+              if k not in report.OBSERVATION_KEYS}
   blob = json.dumps(relevant, sort_keys=True, default=str)
   return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -60,7 +57,8 @@ class Checkpointer:
     if meta.get("fingerprint") != self.fingerprint:
       differing = sorted(
           k for k in set(meta.get("config", {})) | set(self._config)
-          if k not in _NOT_FINGERPRINTED and meta.get("config", {}).get(k) != self._config.get(k))
+          if k not in report.OBSERVATION_KEYS
+          and meta.get("config", {}).get(k) != self._config.get(k))
       raise ValueError(
           f"the workdir {os.path.dirname(self.directory)} holds checkpoints of a different config "
           f"(differing sections: {', '.join(differing) or 'unknown'}). Use a new --workdir, or "

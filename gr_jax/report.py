@@ -267,6 +267,12 @@ _RUN_KEYS = ('seeds', 'task_sizes', 'class_order', 'train_counts', 'config', 'wa
              'devices')
 # Config entries that may differ between runs whose seeds are pooled.
 _SEED_CONFIG_KEYS = ('seed', 'seeds', 'seed_execution')
+# Config entries that change how a run is observed or resumed, not what it computes.
+OBSERVATION_KEYS = ('checkpoint', 'num_devices', 'eval_chunk', 'epoch_as_scan')
+# Entries of ``config.data`` that say where the data lives, not what it holds. Pooling ignores
+# them (the same dataset sits at another path on another machine) and compares the runs' plans
+# (class order, task sizes, train counts) instead.
+_DATA_LOCATION_KEYS = ('path', 'data_dir', 'download')
 # Config entries added after runs were first recorded, with the value those runs computed with.
 _LATER_CONFIG_KEYS = {'bn_fast_variance': True}
 
@@ -320,7 +326,8 @@ def _per_seed(results: Mapping[str, Any]) -> list[dict[str, Any]]:
 def combine_seed_results(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
   """Pools the ``results.json`` of runs that differ only in their seeds (e.g. run on different
   GPUs or in turn) into one results dict shaped like a multi-seed run's: mean, ``*_std`` and
-  ``per_seed``, plus ``wall_time_s`` summed over the runs.
+  ``per_seed``, plus ``wall_time_s`` summed over the runs. Where the data was read from and how
+  the runs were checkpointed or spread over devices may differ.
 
   Raises:
     ValueError: if the runs differ in anything but seeds (config, class order, task sizes) or
@@ -328,8 +335,13 @@ def combine_seed_results(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
   """
   if not runs:
     raise ValueError('combine_seed_results needs at least one results dict')
-  strip = lambda r: {k: v for k, v in comparable_config(r.get('config') or {}).items()
-                     if k not in _SEED_CONFIG_KEYS}
+  def strip(r):
+    config = {k: v for k, v in comparable_config(r.get('config') or {}).items()
+              if k not in _SEED_CONFIG_KEYS + OBSERVATION_KEYS}
+    if isinstance(config.get('data'), Mapping):
+      config['data'] = {k: v for k, v in config['data'].items() if k not in _DATA_LOCATION_KEYS}
+    return config
+
   first = runs[0]
   first_config = strip(first)
   for i, r in enumerate(runs[1:], 1):

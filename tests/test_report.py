@@ -164,3 +164,19 @@ def test_config_entries_added_later_keep_older_runs_comparable():
   assert pooled['average_incremental_accuracy'] == 31.0
   with pytest.raises(ValueError, match='bn_fast_variance'):
     report.combine_seed_results([run(old, 0, 30.0), run(two_pass, 1, 32.0)])
+
+
+def test_runs_pool_across_data_locations_but_not_across_data():
+  # The same dataset read from another path, checkpointed at other intervals: same experiment.
+  def run(seed, path, every=160, order=(0, 1), name='cifar100'):
+    config = {'model': 'resnet32', 'seed': seed, 'checkpoint': {'every_epochs': every},
+              'data': {'source': 'npz', 'name': name, 'path': path, 'data_dir': ''}}
+    return {'config': config, 'seeds': [seed], 'task_sizes': [5, 5], 'class_order': list(order),
+            'train_counts': [3, 2], 'average_incremental_accuracy': 30.0 + seed}
+
+  pooled = report.combine_seed_results([run(0, '.carry/c.npz'), run(1, '/tmp/c.npz', every=20)])
+  assert pooled['seeds'] == [0, 1] and pooled['average_incremental_accuracy'] == 30.5
+  with pytest.raises(ValueError, match='class_order'):
+    report.combine_seed_results([run(0, 'a.npz'), run(1, 'b.npz', order=(1, 0))])
+  with pytest.raises(ValueError, match=r"differs in \['data'\]"):
+    report.combine_seed_results([run(0, 'a.npz'), run(1, 'a.npz', name='other')])
