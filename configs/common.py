@@ -50,12 +50,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed_execution = "sequential"
   c.dtype = "float32"  # float32 | bfloat16 (compute; params, norms and losses stay float32)
   # BatchNorm batch variance as E[x²] − E[x]² (one pass, 9 % faster on an H100) or, if False, the
-  # two-pass E[(x − E[x])²] of torch (RESULTS.md, "Seed 0 across commits").
+  # two-pass E[(x − E[x])²] of torch (RESULTS.md, "BatchNorm's variance in one pass or two").
   c.bn_fast_variance = True
   c.num_devices = 0   # 0: all local devices (data parallel)
   c.eval_chunk = 500     # test / herding images per compiled call
   c.epoch_as_scan = "auto"  # one lax.scan per epoch (auto: on GPU/TPU; XLA:CPU loops are slow)
   c.checkpoint = ml_collections.ConfigDict(dict(every_epochs=10, keep=3))
+  # Persistent XLA compilation cache (launch/run.py): reruns and other seeds of a config load the
+  # compiled programs instead of compiling them again. "" turns it off; the environment variable
+  # JAX_COMPILATION_CACHE_DIR, if set, takes precedence.
+  c.compilation_cache_dir = "~/.cache/gr_jax/xla"
   return c
 
 

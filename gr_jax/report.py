@@ -268,7 +268,8 @@ _RUN_KEYS = ('seeds', 'task_sizes', 'class_order', 'train_counts', 'config', 'wa
 # Config entries that may differ between runs whose seeds are pooled.
 _SEED_CONFIG_KEYS = ('seed', 'seeds', 'seed_execution')
 # Config entries that change how a run is observed or resumed, not what it computes.
-OBSERVATION_KEYS = ('checkpoint', 'num_devices', 'eval_chunk', 'epoch_as_scan')
+OBSERVATION_KEYS = ('checkpoint', 'num_devices', 'eval_chunk', 'epoch_as_scan',
+                    'compilation_cache_dir')
 # Entries of ``config.data`` that say where the data lives, not what it holds. Pooling ignores
 # them (the same dataset sits at another path on another machine) and compares the runs' plans
 # (class order, task sizes, train counts) instead.

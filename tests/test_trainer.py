@@ -168,6 +168,36 @@ def _launch(*args, cwd=REPO, timeout=300):
                         capture_output=True, text=True, timeout=timeout)
 
 
+def test_launch_points_the_compilation_cache_at_the_config_dir(tmp_path):
+  """launch/run.py's cache helper: the config's directory (``~`` expanded) unless the environment
+  names one, and nothing for "". A compiled program then lands there (a second run would load it;
+  measured: BENCHMARKS.md)."""
+  script = f"""
+import os, sys
+sys.path.insert(0, {str(REPO)!r})
+import jax, jax.numpy as jnp
+from launch import run
+run._use_compilation_cache("")
+assert not jax.config.jax_compilation_cache_dir
+os.environ["JAX_COMPILATION_CACHE_DIR"] = "/elsewhere"
+run._use_compilation_cache("~/ignored")
+assert not jax.config.jax_compilation_cache_dir
+del os.environ["JAX_COMPILATION_CACHE_DIR"]
+run._use_compilation_cache("~/xla")
+assert jax.config.jax_compilation_cache_dir == os.path.join({str(tmp_path)!r}, "xla")
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.jit(lambda x: jnp.sin(x) @ x.T)(jnp.ones((8, 8))).block_until_ready()
+print(sorted(os.listdir(os.path.join({str(tmp_path)!r}, "xla"))))
+"""
+  env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+  done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                        env=dict(env, JAX_PLATFORMS="cpu", HOME=str(tmp_path)), timeout=120)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert "-cache" in done.stdout
+  from configs import common  # pylint: disable=g-import-not-at-top
+  assert common.base_config().compilation_cache_dir == "~/.cache/gr_jax/xla"
+
+
 def test_launch_reports_config_errors(cifar100_npz, tmp_path):
   base = ["--config=configs/cifar100_lt.py:smoke", "--config.data.source=npz",
           f"--config.data.path={cifar100_npz}", f"--workdir={tmp_path}"]
