@@ -58,7 +58,7 @@ def _default_workdir() -> str:
 def _use_compilation_cache(directory: str) -> None:
   """Points JAX's persistent compilation cache at ``directory`` (unless the environment does).
 
-  A run compiles two epoch programs plus evaluation and herding (about 45 s on an H100); the cache
+  A run compiles two epoch programs plus evaluation and herding (about 40 s on an H100); the cache
   lets the next run of the same config, another seed included, load them instead.
   """
   if os.environ.get("JAX_COMPILATION_CACHE_DIR") or not directory:
