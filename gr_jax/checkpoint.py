@@ -18,9 +18,7 @@ from gr_jax import report
 
 def fingerprint(config_dict: dict[str, Any]) -> str:
   """A stable hash of the config entries that determine a run's results."""
-  relevant = {k: v for k, v in report.comparable_config(config_dict).items()
-              if k not in report.OBSERVATION_KEYS}
-  blob = json.dumps(relevant, sort_keys=True, default=str)
+  blob = json.dumps(report.experiment_config(config_dict), sort_keys=True, default=str)
   return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -55,10 +53,9 @@ class Checkpointer:
       return None
     meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     if meta.get("fingerprint") != self.fingerprint:
-      differing = sorted(
-          k for k in set(meta.get("config", {})) | set(self._config)
-          if k not in report.OBSERVATION_KEYS
-          and meta.get("config", {}).get(k) != self._config.get(k))
+      saved = report.experiment_config(meta.get("config", {}))
+      current = report.experiment_config(self._config)
+      differing = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
       raise ValueError(
           f"the workdir {os.path.dirname(self.directory)} holds checkpoints of a different config "
           f"(differing sections: {', '.join(differing) or 'unknown'}). Use a new --workdir, or "

@@ -285,6 +285,12 @@ def comparable_config(config_dict: Mapping[str, Any]) -> dict[str, Any]:
           if not (k in _LATER_CONFIG_KEYS and v == _LATER_CONFIG_KEYS[k])}
 
 
+def experiment_config(config_dict: Mapping[str, Any]) -> dict[str, Any]:
+  """The config entries that determine a run's results: :func:`comparable_config` without
+  :data:`OBSERVATION_KEYS` (checkpoint fingerprints and seed pooling both compare these)."""
+  return {k: v for k, v in comparable_config(config_dict).items() if k not in OBSERVATION_KEYS}
+
+
 def mean_over_seeds(per_seed: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
   """Mean of every numeric entry over seeds, and ``<key>_std`` (population std) for scalars.
 
@@ -337,8 +343,8 @@ def combine_seed_results(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
   if not runs:
     raise ValueError('combine_seed_results needs at least one results dict')
   def strip(r):
-    config = {k: v for k, v in comparable_config(r.get('config') or {}).items()
-              if k not in _SEED_CONFIG_KEYS + OBSERVATION_KEYS}
+    config = {k: v for k, v in experiment_config(r.get('config') or {}).items()
+              if k not in _SEED_CONFIG_KEYS}
     if isinstance(config.get('data'), Mapping):
       config['data'] = {k: v for k, v in config['data'].items() if k not in _DATA_LOCATION_KEYS}
     return config

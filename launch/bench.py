@@ -68,6 +68,11 @@ def _commit() -> str:
     return "unknown"
 
 
+def _real_steps() -> int:
+  """Steps of each timed epoch that hold data (``--real_steps``, default all ``--steps``)."""
+  return _STEPS.value if _REAL_STEPS.value is None else _REAL_STEPS.value
+
+
 def time_variant(config, name: str, num_seeds: int, profile_dir: str | None = None) -> dict:
   """images/s of one step kind on synthetic uint8 data resident on the device.
 
@@ -84,7 +89,7 @@ def time_variant(config, name: str, num_seeds: int, profile_dir: str | None = No
                                 momentum=config.optim.momentum, clip_norm=config.optim.clip_norm)
   train_aug, test_aug = augment.get_augmentation(config.augment, size)
   capacity = batch * _STEPS.value
-  real = batch * (_STEPS.value if _REAL_STEPS.value is None else _REAL_STEPS.value)
+  real = batch * _real_steps()
   fns = steps.make_step_fns(model, tx, method, train_aug, test_aug, batch_size=batch,
                             num_steps=_STEPS.value, incremental=incremental, epoch_as_scan=True,
                             seed_execution=config.seed_execution)
@@ -133,7 +138,7 @@ def main(argv):
             "model": config.model, "image_size": config.data.image_size,
             "batch_size": config.optim.batch_size, "dtype": config.dtype,
             "steps_per_epoch": _STEPS.value,
-            "real_steps_per_epoch": _REAL_STEPS.value or _STEPS.value, "steps": {}}
+            "real_steps_per_epoch": _real_steps(), "steps": {}}
   seeds = len(trainer.parse_seeds(config))
   unknown = set(_VARIANTS.value + _PROFILE.value) - set(VARIANTS)
   if unknown:
@@ -150,8 +155,7 @@ def main(argv):
       profile_dir = os.path.join(_PROFILE_DIR.value, name)
     record["steps"][name] = time_variant(config, name, seeds, profile_dir)
     if profile_dir and device.platform == "gpu":
-      record["steps"][name]["profile"] = trace_summary.summarize(
-          profile_dir, _REAL_STEPS.value or _STEPS.value)
+      record["steps"][name]["profile"] = trace_summary.summarize(profile_dir, _real_steps())
       print(trace_summary.format_summary(record["steps"][name]["profile"]), flush=True)
     elif profile_dir:  # the summary reads GPU kernels; other platforms keep the raw trace
       record["steps"][name]["profile_dir"] = profile_dir
