@@ -13,10 +13,12 @@ import time
 from typing import Any, Callable, NamedTuple, Optional
 
 from absl import logging
+from flax import linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 
 from gr_jax import checkpoint as ckpt
 from gr_jax import exemplars
@@ -86,10 +88,26 @@ def _round_up(n: int, multiple: int) -> int:
   return max(multiple, -(-n // multiple) * multiple)
 
 
+def model_and_optimizer(config: ml_collections.ConfigDict, num_classes: int,
+                        method: steps.Method) -> tuple[nn.Module, optax.GradientTransformation]:
+  """The Flax model and the optax chain that ``config`` trains ``method`` with.
+
+  One definition for the trainer and ``launch/bench.py``, so the benchmark times the step the
+  protocol runs.
+  """
+  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.dtype]
+  model = models.create_model(config.model, num_classes, dtype,
+                              bn_fast_variance=config.bn_fast_variance)
+  tx = state_lib.make_optimizer(reweighting=method.reweighting != "none",
+                                weight_decay=config.optim.weight_decay,
+                                momentum=config.optim.momentum,
+                                clip_norm=config.optim.clip_norm or None)
+  return model, tx
+
+
 def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
   """Loads data, plans the phases and compiles nothing yet (jit is lazy)."""
   validate_config(config)
-  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.dtype]
   d = config.data
   dataset = sources.load_dataset(d.source, name=d.name or None, path=d.path or None,
                                  data_dir=d.data_dir or None, image_size=d.image_size or None,
@@ -108,13 +126,8 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
   batch = config.optim.batch_size
   parallel.check_batch(batch, mesh)
   capacity = _round_up(capacity, batch)
-  model = models.create_model(config.model, plan.num_classes, dtype,
-                              bn_fast_variance=config.bn_fast_variance)
   method = method_from_config(config)
-  tx = state_lib.make_optimizer(reweighting=method.reweighting != "none",
-                                weight_decay=config.optim.weight_decay,
-                                momentum=config.optim.momentum,
-                                clip_norm=config.optim.clip_norm or None)
+  model, tx = model_and_optimizer(config, plan.num_classes, method)
   train_aug, test_aug = augment.get_augmentation(config.augment, d.image_size)
   test = _test_set(dataset, plan, _eval_chunk(config, mesh), mesh)
   step_mesh = mesh if mesh.size > 1 else None

@@ -25,7 +25,6 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
-from gr_jax import models
 from gr_jax import state as state_lib
 from gr_jax import steps
 from gr_jax import trainer
@@ -81,12 +80,7 @@ def time_variant(config, name: str, num_seeds: int, profile_dir: str | None = No
   method, incremental = VARIANTS[name]
   num_classes, batch = 100, config.optim.batch_size
   size = config.data.image_size
-  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.dtype]
-  model = models.create_model(config.model, num_classes, dtype,
-                              bn_fast_variance=config.bn_fast_variance)
-  tx = state_lib.make_optimizer(reweighting=method.reweighting != "none",
-                                weight_decay=config.optim.weight_decay,
-                                momentum=config.optim.momentum, clip_norm=config.optim.clip_norm)
+  model, tx = trainer.model_and_optimizer(config, num_classes, method)
   train_aug, test_aug = augment.get_augmentation(config.augment, size)
   capacity = batch * _STEPS.value
   real = batch * _real_steps()
