@@ -1,8 +1,9 @@
 """Orbax checkpoints of the whole :class:`~gr_jax.state.TrainState`, tied to the run's config.
 
-Each checkpoint holds the state and a small JSON record (config fingerprint, wall time so far).
-Orbax writes to a temporary directory and renames it when complete, so a run killed mid-save leaves
-the previous checkpoint intact. A workdir that holds checkpoints of a different config is refused.
+Each checkpoint holds the state and a small JSON record (fingerprint, config, data digest, wall
+time so far). Orbax writes to a temporary directory and renames it when complete, so a run killed
+mid-save leaves the previous checkpoint intact. A workdir that holds checkpoints of a different
+config or of other data is refused; the same data at another path resumes.
 """
 
 import hashlib
@@ -16,19 +17,35 @@ import orbax.checkpoint as ocp
 from gr_jax import report
 
 
-def fingerprint(config_dict: dict[str, Any]) -> str:
-  """A stable hash of the config entries that determine a run's results."""
-  blob = json.dumps(report.experiment_config(config_dict), sort_keys=True, default=str)
+def fingerprint(config_dict: dict[str, Any], data_digest: str | None = None) -> str:
+  """A stable hash of what determines a run's results.
+
+  With ``data_digest`` (:func:`gr_jax.data.sources.dataset_digest`): the config entries that
+  determine results, wherever the data lives, and the data's content. Without it: those entries
+  with the data's location, the key of checkpoints written before data digests existed.
+  """
+  config = report.experiment_config(config_dict, data_location=data_digest is None)
+  blob = json.dumps(config, sort_keys=True, default=str)
+  if data_digest is not None:
+    blob += "\ndata:" + data_digest
   return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 class Checkpointer:
-  """Saves and restores run states under ``workdir/checkpoints``, keeping the last ``keep``."""
+  """Saves and restores run states under ``workdir/checkpoints``, keeping the last ``keep``.
 
-  def __init__(self, workdir: str, config_dict: dict[str, Any], keep: int = 3):
+  Give ``data_digest`` so that the run resumes wherever its data has moved; checkpoints written
+  without one (older runs) resume only from the same data location.
+  """
+
+  def __init__(self, workdir: str, config_dict: dict[str, Any], keep: int = 3,
+               data_digest: str | None = None):
     self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-    self.fingerprint = fingerprint(config_dict)
+    self.fingerprint = fingerprint(config_dict, data_digest)
+    # A checkpoint keyed the older way (config with the data's location) still resumes.
+    self._accepted = {self.fingerprint, fingerprint(config_dict)}
     self._config = config_dict
+    self._data_digest = data_digest
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
@@ -38,7 +55,8 @@ class Checkpointer:
     return self._manager.latest_step()
 
   def save(self, step: int, state: Any, wall_time_s: float) -> None:
-    meta = {"fingerprint": self.fingerprint, "wall_time_s": wall_time_s, "config": self._config}
+    meta = {"fingerprint": self.fingerprint, "wall_time_s": wall_time_s, "config": self._config,
+            "data_digest": self._data_digest}
     self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
 
@@ -46,23 +64,30 @@ class Checkpointer:
     """Returns (state, wall time so far) of the latest checkpoint, or None if there is none.
 
     Raises:
-      ValueError: the checkpoint was written by a run with a different config.
+      ValueError: the checkpoint was written by a run with a different config or other data.
     """
     step = self._manager.latest_step()
     if step is None:
       return None
     meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    if meta.get("fingerprint") != self.fingerprint:
-      saved = report.experiment_config(meta.get("config", {}))
-      current = report.experiment_config(self._config)
-      differing = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
-      raise ValueError(
-          f"the workdir {os.path.dirname(self.directory)} holds checkpoints of a different config "
-          f"(differing sections: {', '.join(differing) or 'unknown'}). Use a new --workdir, or "
-          "delete that workdir to start over; nothing was changed.")
+    if meta.get("fingerprint") not in self._accepted:
+      raise ValueError(self._mismatch(meta))
     restored = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state)))
     return restored["state"], float(meta.get("wall_time_s", 0.0))
+
+  def _mismatch(self, meta: dict[str, Any]) -> str:
+    """What differs between a refused checkpoint's run and this one, and what to do."""
+    keyed_by_digest = meta.get("data_digest") is not None
+    saved = report.experiment_config(meta.get("config", {}), data_location=not keyed_by_digest)
+    current = report.experiment_config(self._config, data_location=not keyed_by_digest)
+    differing = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    if keyed_by_digest and meta["data_digest"] != self._data_digest:
+      differing.append(f"the data's content (digest {meta['data_digest']}, now {self._data_digest})")
+    return (f"the workdir {os.path.dirname(self.directory)} holds checkpoints of a different run "
+            f"(differing: {', '.join(differing) or 'unknown'}). Use a new --workdir, or point "
+            "the config at the run's data, or delete that workdir to start over; nothing was "
+            "changed.")
 
   def wait(self) -> None:
     self._manager.wait_until_finished()

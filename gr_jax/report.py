@@ -270,9 +270,9 @@ _SEED_CONFIG_KEYS = ('seed', 'seeds', 'seed_execution')
 # Config entries that change how a run is observed or resumed, not what it computes.
 OBSERVATION_KEYS = ('checkpoint', 'num_devices', 'eval_chunk', 'epoch_as_scan',
                     'compilation_cache_dir')
-# Entries of ``config.data`` that say where the data lives, not what it holds. Pooling ignores
-# them (the same dataset sits at another path on another machine) and compares the runs' plans
-# (class order, task sizes, train counts) instead.
+# Entries of ``config.data`` that say where the data lives, not what it holds. Pooling and
+# checkpoints ignore them (the same dataset sits at another path on another machine) and compare
+# the runs' plans (class order, task sizes, train counts) or the data's content digest instead.
 _DATA_LOCATION_KEYS = ('path', 'data_dir', 'download')
 # Config entries added after runs were first recorded, with the value those runs computed with.
 _LATER_CONFIG_KEYS = {'bn_fast_variance': True}
@@ -285,10 +285,18 @@ def comparable_config(config_dict: Mapping[str, Any]) -> dict[str, Any]:
           if not (k in _LATER_CONFIG_KEYS and v == _LATER_CONFIG_KEYS[k])}
 
 
-def experiment_config(config_dict: Mapping[str, Any]) -> dict[str, Any]:
+def experiment_config(config_dict: Mapping[str, Any], *,
+                      data_location: bool = True) -> dict[str, Any]:
   """The config entries that determine a run's results: :func:`comparable_config` without
-  :data:`OBSERVATION_KEYS` (checkpoint fingerprints and seed pooling both compare these)."""
-  return {k: v for k, v in comparable_config(config_dict).items() if k not in OBSERVATION_KEYS}
+  :data:`OBSERVATION_KEYS` (checkpoint fingerprints and seed pooling both compare these).
+
+  With ``data_location=False`` also without where the data lives (``data.path``, ``data_dir``,
+  ``download``): for comparisons that check the data's content some other way.
+  """
+  config = {k: v for k, v in comparable_config(config_dict).items() if k not in OBSERVATION_KEYS}
+  if not data_location and isinstance(config.get('data'), Mapping):
+    config['data'] = {k: v for k, v in config['data'].items() if k not in _DATA_LOCATION_KEYS}
+  return config
 
 
 def mean_over_seeds(per_seed: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -343,11 +351,8 @@ def combine_seed_results(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
   if not runs:
     raise ValueError('combine_seed_results needs at least one results dict')
   def strip(r):
-    config = {k: v for k, v in experiment_config(r.get('config') or {}).items()
-              if k not in _SEED_CONFIG_KEYS}
-    if isinstance(config.get('data'), Mapping):
-      config['data'] = {k: v for k, v in config['data'].items() if k not in _DATA_LOCATION_KEYS}
-    return config
+    return {k: v for k, v in experiment_config(r.get('config') or {}, data_location=False).items()
+            if k not in _SEED_CONFIG_KEYS}
 
   first = runs[0]
   first_config = strip(first)

@@ -325,7 +325,8 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   os.makedirs(workdir, exist_ok=True)
   exp = build_experiment(config)
   config_dict = config.to_dict()
-  checkpointer = ckpt.Checkpointer(workdir, config_dict, keep=config.checkpoint.keep)
+  checkpointer = ckpt.Checkpointer(workdir, config_dict, keep=config.checkpoint.keep,
+                                  data_digest=sources.dataset_digest(exp.dataset))
   state = init_state(exp)
   restored = checkpointer.restore(ckpt.abstract_like(state))
   wall_offset = 0.0

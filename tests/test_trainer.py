@@ -56,9 +56,13 @@ def test_run_writes_every_output(uninterrupted):
   assert (workdir / "checkpoints").is_dir()
 
 
-def test_kill_and_resume_is_bit_identical(cifar100_npz, tmp_path, uninterrupted):
+def test_kill_and_resume_is_bit_identical_also_after_the_data_moved(cifar100_npz, tmp_path,
+                                                                    uninterrupted):
   _, reference = uninterrupted
   config = tiny_config(cifar100_npz)
+  moved = tmp_path / "elsewhere" / "cifar100.npz"  # the same file at another path
+  moved.parent.mkdir()
+  moved.symlink_to(cifar100_npz)
 
   class Killed(Exception):
     pass
@@ -69,7 +73,7 @@ def test_kill_and_resume_is_bit_identical(cifar100_npz, tmp_path, uninterrupted)
 
   with pytest.raises(Killed):
     trainer.run(config, str(tmp_path), on_epoch=kill)
-  resumed = trainer.run(config, str(tmp_path))
+  resumed = trainer.run(tiny_config(moved), str(tmp_path))
   for key in ("acc_tag", "acc_taw", "per_class_accuracy", "average_incremental_accuracy"):
     np.testing.assert_array_equal(np.asarray(resumed[key], dtype=float),
                                   np.asarray(reference[key], dtype=float), err_msg=key)
@@ -83,7 +87,7 @@ def test_workdir_of_another_config_is_refused(cifar100_npz, uninterrupted):
   workdir, _ = uninterrupted
   before = sorted(os.listdir(workdir / "checkpoints"))
   other = tiny_config(cifar100_npz, **{"optim.learning_rate": 0.05})
-  with pytest.raises(ValueError, match="different config.*optim"):
+  with pytest.raises(ValueError, match="different run.*optim"):
     trainer.run(other, str(workdir))
   assert sorted(os.listdir(workdir / "checkpoints")) == before
 
@@ -219,9 +223,11 @@ def test_non_finite_loss_stops_with_clear_error_and_keeps_checkpoint(cifar100_np
     trainer.run(config, str(tmp_path))
   assert "checkpoint" in str(err.value)
   from gr_jax import checkpoint as ckpt  # pylint: disable=g-import-not-at-top
-  checkpointer = ckpt.Checkpointer(str(tmp_path), config.to_dict())
-  assert checkpointer.latest_step() == 1  # after epoch 0 of phase 0
+  from gr_jax.data import sources  # pylint: disable=g-import-not-at-top
   exp = trainer.build_experiment(config)
+  checkpointer = ckpt.Checkpointer(str(tmp_path), config.to_dict(),
+                                   data_digest=sources.dataset_digest(exp.dataset))
+  assert checkpointer.latest_step() == 1  # after epoch 0 of phase 0
   state, _ = checkpointer.restore(ckpt.abstract_like(trainer.init_state(exp)))
   checkpointer.close()
   assert int(state.epoch[0]) == 1 and int(state.phase[0]) == 0

@@ -33,7 +33,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import hashlib
 import io
+import json
 import os
 import pathlib
 import threading
@@ -330,6 +332,23 @@ class Dataset:
 
 # --------------------------------------------------------------------------------------------------
 # Loaders.
+
+
+def dataset_digest(dataset: Dataset, images_per_split: int = 16) -> str:
+  """A short content hash of ``dataset``, the same wherever its files live.
+
+  It covers the class names, every label and shape, and ``images_per_split`` images spread evenly
+  over each split, so it reads only a few images of a lazily decoded dataset. Checkpoints key on it
+  (with the config) so that a run resumes after its data moved, and not on other data.
+  """
+  h = hashlib.sha256(json.dumps(list(dataset.class_names)).encode())
+  for x, y in ((dataset.x_train, dataset.y_train), (dataset.x_test, dataset.y_test)):
+    h.update(json.dumps(list(x.shape)).encode())
+    h.update(np.ascontiguousarray(y, np.int32).tobytes())
+    if len(y):
+      idx = np.unique(np.linspace(0, len(y) - 1, images_per_split).astype(np.int64))
+      h.update(np.ascontiguousarray(np.asarray(x[idx]), np.uint8).tobytes())
+  return h.hexdigest()[:16]
 
 
 def load_dataset(source: str, *, name: str | None = None, path: str | None = None,
