@@ -81,7 +81,7 @@ class Checkpointer:
     keyed_by_digest = meta.get("data_digest") is not None
     saved = report.experiment_config(meta.get("config", {}), data_location=not keyed_by_digest)
     current = report.experiment_config(self._config, data_location=not keyed_by_digest)
-    differing = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    differing = report.differing_keys(saved, current)
     if keyed_by_digest and meta["data_digest"] != self._data_digest:
       differing.append(f"the data's content (digest {meta['data_digest']}, now {self._data_digest})")
     return (f"the workdir {os.path.dirname(self.directory)} holds checkpoints of a different run "

@@ -299,6 +299,11 @@ def experiment_config(config_dict: Mapping[str, Any], *,
   return config
 
 
+def differing_keys(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
+  """The top-level keys (config sections) whose values differ between ``a`` and ``b``, sorted."""
+  return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
 def mean_over_seeds(per_seed: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
   """Mean of every numeric entry over seeds, and ``<key>_std`` (population std) for scalars.
 
@@ -363,8 +368,7 @@ def combine_seed_results(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
                          'seeds can be pooled')
     config = strip(r)
     if config != first_config:
-      diff = sorted(k for k in set(config) | set(first_config)
-                    if config.get(k) != first_config.get(k))
+      diff = differing_keys(config, first_config)
       raise ValueError(f'run {i} has another config than run 0 (differs in {diff}): only runs '
                        'that differ in their seeds can be pooled')
   seeds = [s for r in runs for s in r['seeds']]
