@@ -1,0 +1,58 @@
+"""RESULTS.md and BENCHMARKS.md against the committed result files they cite.
+
+The reproduction tables are written by hand from `results/*.json`; these tests keep the two from
+drifting apart: every cited file exists, and every table row that cites a results file reports that
+file's average incremental accuracy and last accuracy (mean ± std over seeds where it has several).
+"""
+
+import json
+import pathlib
+import re
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+_CITED = re.compile(r"`(?:results/)?([A-Za-z0-9_.-]+\.json)`")
+_NUMBER = re.compile(r"^(-?\d+\.\d+)(?: ± (\d+\.\d+))?$")
+
+
+def _cited_result_files(doc: str) -> set[str]:
+  names = set(_CITED.findall((ROOT / doc).read_text()))
+  return {n for n in names if n != "results.json" and not n.startswith("cifar100_lt_selection")}
+
+
+@pytest.mark.parametrize("doc", ["RESULTS.md", "BENCHMARKS.md"])
+def test_every_cited_result_file_is_committed(doc):
+  cited = _cited_result_files(doc)
+  assert cited, f"{doc} cites no result files"
+  missing = sorted(n for n in cited if not (ROOT / "results" / n).is_file())
+  assert not missing, f"{doc} cites result files that are not in results/: {missing}"
+
+
+def _table_rows_citing_results():
+  """(row text, file name, [(mean, std or None), ...] numeric cells in order) per table row."""
+  for line in (ROOT / "RESULTS.md").read_text().splitlines():
+    if not line.startswith("|"):
+      continue
+    cited = _CITED.findall(line)
+    if len(cited) != 1:
+      continue
+    numbers = []
+    for cell in line.strip("|").split("|"):
+      m = _NUMBER.match(cell.strip().strip("*").strip())
+      if m:
+        numbers.append((float(m.group(1)), float(m.group(2)) if m.group(2) else None))
+    yield line, cited[0], numbers
+
+
+def test_result_tables_report_the_cited_files():
+  rows = list(_table_rows_citing_results())
+  assert len(rows) >= 20, "expected the reproduction tables of RESULTS.md"
+  for line, name, numbers in rows:
+    result = json.loads((ROOT / "results" / name).read_text())
+    assert len(numbers) >= 2, f"no AIA and last accuracy in: {line}"
+    for (shown, shown_std), key in zip(numbers[:2], ("average_incremental_accuracy",
+                                                      "last_accuracy")):
+      assert shown == pytest.approx(result[key], abs=0.0051), (name, key, line)
+      if shown_std is not None:
+        assert shown_std == pytest.approx(result[f"{key}_std"], abs=0.0051), (name, key, line)
