@@ -264,7 +264,7 @@ def plot_results(workdir: str | os.PathLike, results: Mapping[str, Any],
 
 # Keys of a run's results that describe the run rather than a seed's outcome.
 _RUN_KEYS = ('seeds', 'task_sizes', 'class_order', 'train_counts', 'config', 'wall_time_s',
-             'devices')
+             'devices', 'provenance')
 # Config entries that may differ between runs whose seeds are pooled.
 _SEED_CONFIG_KEYS = ('seed', 'seeds', 'seed_execution')
 # Config entries that change how a run is observed or resumed, not what it computes.
@@ -382,4 +382,12 @@ def combine_seed_results(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
   out['wall_time_s'] = float(sum(r.get('wall_time_s', 0.0) for r in runs))
   out['wall_time_s_per_run'] = [r.get('wall_time_s') for r in runs]
   out['devices'] = sorted({d for r in runs for d in r.get('devices', [])})
+  # One entry per run pooled here (a pooled input contributes its list); older runs have none.
+  out['provenance'] = [p for r in runs for p in _as_list(r.get('provenance'))]
   return out
+
+
+def _as_list(value: Any) -> list[Any]:
+  if value is None:
+    return []
+  return list(value) if isinstance(value, list) else [value]

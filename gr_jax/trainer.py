@@ -25,6 +25,7 @@ from gr_jax import exemplars
 from gr_jax import metrics
 from gr_jax import models
 from gr_jax import parallel
+from gr_jax import provenance
 from gr_jax import report
 from gr_jax import state as state_lib
 from gr_jax import steps
@@ -412,6 +413,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   results["config"] = config_dict
   results["wall_time_s"] = elapsed()
   results["devices"] = [str(d) for d in exp.mesh.devices.flat]
+  results["provenance"] = provenance.provenance(exp.mesh.devices.flat)
   if lead:
     report.write_results(workdir, results)
     report.plot_results(workdir, results, list(plan.train_counts))

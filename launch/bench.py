@@ -12,7 +12,6 @@ category (convolutions, reductions, elementwise fusions, copies) and how busy th
 import datetime
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -25,6 +24,7 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
+from gr_jax import provenance
 from gr_jax import state as state_lib
 from gr_jax import steps
 from gr_jax import trainer
@@ -55,16 +55,6 @@ VARIANTS = {
     "plain_teacher": (steps.Method(reweighting="none", kd="plain", logit_prior=False), True),
     "dgr": (steps.Method(reweighting="dgr", kd="dakd"), True),
 }
-
-
-def _commit() -> str:
-  if os.environ.get("GR_JAX_COMMIT"):  # a copy of the tree whose .git may be stale
-    return os.environ["GR_JAX_COMMIT"]
-  try:
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                          check=True, cwd=os.path.dirname(__file__)).stdout.strip()
-  except (OSError, subprocess.CalledProcessError):
-    return "unknown"
 
 
 def _real_steps() -> int:
@@ -128,7 +118,7 @@ def main(argv):
   device = jax.devices()[0]
   record = {"device": device.device_kind, "platform": device.platform,
             "num_devices": jax.device_count(), "jax": jax.__version__,
-            "date": datetime.date.today().isoformat(), "commit": _commit(),
+            "date": datetime.date.today().isoformat(), "commit": provenance.commit(),
             "model": config.model, "image_size": config.data.image_size,
             "batch_size": config.optim.batch_size, "dtype": config.dtype,
             "steps_per_epoch": _STEPS.value,

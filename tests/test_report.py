@@ -180,3 +180,16 @@ def test_runs_pool_across_data_locations_but_not_across_data():
     report.combine_seed_results([run(0, 'a.npz'), run(1, 'b.npz', order=(1, 0))])
   with pytest.raises(ValueError, match=r"differs in \['data'\]"):
     report.combine_seed_results([run(0, 'a.npz'), run(1, 'a.npz', name='other')])
+
+
+def test_pooled_runs_keep_each_runs_provenance():
+  def run(seed, commit):
+    return {'config': {'model': 'resnet32', 'seed': seed}, 'seeds': [seed], 'task_sizes': [5, 5],
+            'class_order': [0, 1], 'train_counts': [3, 2], 'average_incremental_accuracy': 30.0,
+            'provenance': {'commit': commit}}
+
+  first = report.combine_seed_results([run(0, 'aaaaaaa'), run(1, 'bbbbbbb')])
+  assert 'provenance' not in first['per_seed'][0]
+  again = report.combine_seed_results([first, run(2, 'ccccccc'),
+                                       {**run(3, ''), 'provenance': None}])
+  assert [p['commit'] for p in again['provenance']] == ['aaaaaaa', 'bbbbbbb', 'ccccccc']

@@ -34,8 +34,10 @@ def test_run_writes_every_output(uninterrupted):
   saved = json.loads((workdir / "results.json").read_text())
   for key in ("acc_tag", "acc_taw", "avg_acc_per_phase", "avg_acc_per_phase_weighted",
               "average_incremental_accuracy", "last_accuracy", "forgetting",
-              "per_class_accuracy", "config", "wall_time_s"):
+              "per_class_accuracy", "config", "wall_time_s", "provenance"):
     assert key in saved, key
+  assert saved["provenance"]["packages"]["jax"] == jax.__version__
+  assert saved["provenance"]["device_kinds"] == sorted({d.device_kind for d in jax.devices()[:1]})
   phases = len(saved["task_sizes"])
   assert np.asarray(saved["acc_tag"], dtype=float).shape == (phases, phases)
   assert saved["average_incremental_accuracy"] == pytest.approx(
