@@ -5,6 +5,7 @@ Flags: ``--config.<key>=<value>`` overrides any config entry; ``--workdir`` (def
 events and accuracy.png. Rerunning with the same workdir resumes from the latest checkpoint.
 """
 
+import logging as py_logging
 import os
 import sys
 
@@ -66,9 +67,17 @@ def _use_compilation_cache(directory: str) -> None:
   jax.config.update("jax_compilation_cache_dir", os.path.expanduser(directory))
 
 
+def _keep_log_record(record: py_logging.LogRecord) -> bool:
+  """False for orbax's INFO records (about 40 lines per checkpoint save) unless ``--verbosity=1``;
+  its warnings and errors, and every other record, pass."""
+  return (record.levelno >= py_logging.WARNING or logging.get_verbosity() >= logging.DEBUG
+          or f"{os.sep}orbax{os.sep}" not in record.pathname)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.get_absl_handler().addFilter(_keep_log_record)
   workdir = _WORKDIR.value or _default_workdir()
   _use_compilation_cache(_CONFIG.value.compilation_cache_dir)
   progress = _Progress()

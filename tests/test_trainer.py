@@ -1,6 +1,7 @@
 """The trainer end to end on real CIFAR-100: outputs, resume, compilation count, errors, baselines."""
 
 import json
+import logging as py_logging
 import os
 import pathlib
 import subprocess
@@ -202,6 +203,29 @@ print(sorted(os.listdir(os.path.join({str(tmp_path)!r}, "xla"))))
   assert "-cache" in done.stdout
   from configs import common  # pylint: disable=g-import-not-at-top
   assert common.base_config().compilation_cache_dir == "~/.cache/gr_jax/xla"
+
+
+def test_launch_keeps_orbax_info_out_of_the_log():
+  """An orbax INFO record is dropped (they are ~40 lines per checkpoint save), its warnings and
+  every gr_jax record pass, and ``--verbosity=1`` lets everything through."""
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  from launch import run  # pylint: disable=g-import-not-at-top
+
+  def record(path, level):
+    return py_logging.LogRecord("absl", level, path, 1, "msg", None, None)
+
+  orbax = os.path.join("site-packages", "orbax", "checkpoint", "checkpoint_manager.py")
+  ours = os.path.join("gr_jax", "trainer.py")
+  before = logging.get_verbosity()
+  try:
+    logging.set_verbosity(logging.INFO)
+    assert not run._keep_log_record(record(orbax, py_logging.INFO))
+    assert run._keep_log_record(record(orbax, py_logging.WARNING))
+    assert run._keep_log_record(record(ours, py_logging.INFO))
+    logging.set_verbosity(logging.DEBUG)
+    assert run._keep_log_record(record(orbax, py_logging.INFO))
+  finally:
+    logging.set_verbosity(before)
 
 
 def test_launch_reports_config_errors(cifar100_npz, tmp_path):
