@@ -81,8 +81,12 @@ def _valid_records_end(path: str) -> int:
 class MetricWriter:
   """Writes scalars to ``workdir/metrics.jsonl`` and to TensorBoard events in ``workdir/tensorboard``.
 
-  Both files are opened in append mode, so a resumed run continues them. Use as a context manager
-  or call ``close()``.
+  Both files are opened in append mode, so a resumed run continues them, and every record is
+  flushed as it is written, so both can be followed while the run goes and survive a kill. A run
+  resumed from a checkpoint at global step ``s`` passes ``resume_step=s``: records after ``s``
+  (written by the killed run after its last checkpoint, and about to be written again) are dropped
+  from ``metrics.jsonl``, and a ``SessionLog.START`` event at ``s + 1`` makes TensorBoard purge them
+  from its view. Use as a context manager or call ``close()``.
 
   Example::
 
@@ -90,12 +94,14 @@ class MetricWriter:
       w.write_scalars(step, {'train/loss': 0.7, 'lr': 0.1}, phase=0, epoch=3)
   """
 
-  def __init__(self, workdir: str | os.PathLike):
+  def __init__(self, workdir: str | os.PathLike, resume_step: int | None = None):
     self.workdir = os.fspath(workdir)
     tb_dir = os.path.join(self.workdir, TENSORBOARD_DIR)
     os.makedirs(tb_dir, exist_ok=True)
 
     jsonl_path = os.path.join(self.workdir, METRICS_FILE)
+    if resume_step is not None and os.path.exists(jsonl_path):
+      _drop_records_after(jsonl_path, resume_step)
     self._jsonl = open(jsonl_path, 'a', encoding='utf-8')
     if self._jsonl.tell() > 0 and not _ends_with_newline(jsonl_path):
       self._jsonl.write('\n')  # finish a line torn by a crash so the next one parses
@@ -109,6 +115,11 @@ class MetricWriter:
     self._events = RecordWriter(open(events_path, 'ab'))
     if is_new:
       self._write_event(event_pb2.Event(wall_time=time.time(), file_version='brain.Event:2'))
+    elif resume_step is not None:
+      self._write_event(event_pb2.Event(
+          wall_time=time.time(), step=resume_step + 1,
+          session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
+    self.flush()
 
   def _write_event(self, event: event_pb2.Event):
     self._events.write(event.SerializeToString())
@@ -128,6 +139,7 @@ class MetricWriter:
     summary = summary_pb2.Summary(
         value=[summary_pb2.Summary.Value(tag=k, simple_value=v) for k, v in values.items()])
     self._write_event(event_pb2.Event(wall_time=time.time(), step=step, summary=summary))
+    self.flush()
 
   def flush(self):
     self._jsonl.flush()
@@ -166,6 +178,21 @@ class NullWriter:
     self.close()
 
 
+def _drop_records_after(path: str, step: int):
+  """Rewrites the JSON-lines file ``path`` without its records whose ``step`` is after ``step``
+  (a torn last line goes too)."""
+  kept = []
+  with open(path, encoding='utf-8') as f:
+    for line in f:
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError:
+        continue
+      if record.get('step', 0) <= step:
+        kept.append(line if line.endswith('\n') else line + '\n')
+  _atomic_write(path, lambda f: f.writelines(kept))
+
+
 def _ends_with_newline(path: str) -> bool:
   with open(path, 'rb') as f:
     f.seek(-1, os.SEEK_END)
@@ -173,10 +200,14 @@ def _ends_with_newline(path: str) -> bool:
 
 
 def _atomic_write(path: str, write_fn, mode: str = 'w'):
-  """Writes via a temporary file in the same directory + ``os.replace``: never a half file."""
+  """Writes via a temporary file in the same directory + ``os.replace``: never a half file, and
+  the file gets the permissions ``open`` would give it."""
   directory = os.path.dirname(path) or '.'
   fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + '.', suffix='.tmp')
+  umask = os.umask(0)
+  os.umask(umask)
   try:
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the result should read like any file
     with os.fdopen(fd, mode) as f:
       write_fn(f)
       f.flush()

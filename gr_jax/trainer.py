@@ -345,7 +345,8 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   epochs_per_phase = optim.epochs
   plan = exp.plan
   try:
-    with (report.MetricWriter(workdir) if lead else report.NullWriter()) as writer:
+    with (report.MetricWriter(workdir, resume_step=int(state.step[0])) if lead
+          else report.NullWriter()) as writer:
       while int(state.phase[0]) < plan.num_phases:
         phase = int(state.phase[0])
         fns = exp.incremental_steps if phase else exp.base_steps

@@ -59,6 +59,39 @@ def test_metric_writer_appends_on_resume_and_repairs_torn_tail(tmp_path):
   assert _tb_scalars(tmp_path / 'tensorboard')['x'] == [(1, 1.0), (2, 2.0)]
 
 
+def test_metric_writer_flushes_each_record_for_readers_while_it_runs(tmp_path):
+  w = report.MetricWriter(tmp_path)
+  w.write_scalars(1, {'x': 1.0}, phase=0)
+  # Still open: another process (a tail -f, TensorBoard) already sees the record.
+  assert json.loads((tmp_path / 'metrics.jsonl').read_text()) == {'phase': 0, 'step': 1, 'x': 1.0}
+  assert _tb_scalars(tmp_path / 'tensorboard')['x'] == [(1, 1.0)]
+  w.close()
+
+
+def test_resume_drops_the_records_written_after_the_checkpoint(tmp_path):
+  """A run killed after step 3 whose last checkpoint is at step 2: the resumed run rewrites
+  step 3, and both files show each step once, with the resumed run's value."""
+  w = report.MetricWriter(tmp_path)
+  for step in (1, 2, 3):
+    w.write_scalars(step, {'x': float(step)}, phase=0)
+  del w  # killed: never closed
+  with report.MetricWriter(tmp_path, resume_step=2) as w:
+    w.write_scalars(3, {'x': 30.0}, phase=0)
+    w.write_scalars(4, {'x': 40.0}, phase=0)
+  records = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+  assert [(r['step'], r['x']) for r in records] == [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0)]
+  assert _tb_scalars(tmp_path / 'tensorboard')['x'] == [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0)]
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+  umask = os.umask(0o022)
+  try:
+    path = report.write_results(tmp_path, {'a': 1})
+  finally:
+    os.umask(umask)
+  assert os.stat(path).st_mode & 0o777 == 0o644
+
+
 def test_metric_writer_does_not_import_tensorflow(tmp_path):
   code = textwrap.dedent(f"""
       import sys
