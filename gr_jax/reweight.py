@@ -70,8 +70,12 @@ def _row_norms(weight_leaves) -> jax.Array:
 
 
 def _group_alpha(phi: jax.Array, group: jax.Array) -> jax.Array:
-  """α_c = min_{j in group} Φ_j / Φ_c for c in the group, 0 outside it."""
-  group_min = jnp.min(jnp.where(group, phi, jnp.inf))
+  """α_c = min_{j in group} Φ_j / Φ_c for c in the group, 0 outside it.
+
+  Members with Φ = 0 (no gradient yet: in practice unseen classes left in the default group) are
+  left out of the minimum, else it would be 0 and stop every class; they keep α = 1.
+  """
+  group_min = jnp.min(jnp.where(group & (phi > 0), phi, jnp.inf))
   alpha = jnp.where(phi > 0, group_min / jnp.where(phi > 0, phi, 1.0), 1.0)
   return jnp.where(group, alpha, 0.0)
 
@@ -102,7 +106,9 @@ def gradient_reweighting(
     ∂W_c ← s_c G^CE_c + β G^KD_c (old c),   s_c G^CE_c (new c),   0 (unseen c).
 
   Biases get the same factors as their class rows. α ∈ (0, 1] and α = 1 for the least-updated class
-  of each group; unseen classes (neither old nor new) get a zero update.
+  of each group; unseen classes (neither old nor new) get a zero update. A class whose Φ is still 0
+  (it has had no gradient, e.g. a class masked out of the loss while no masks are passed here) is
+  left out of its group's minimum and keeps α = 1, which leaves its zero gradient zero.
 
   Args:
     classifier: which leaves are the classifier: ``None`` (every leaf; use inside ``optax.masked``),

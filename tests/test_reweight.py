@@ -118,6 +118,29 @@ class ReweightTest(chex.TestCase, parameterized.TestCase):
     self.assertEqual(alpha[least], 1.0)
     self.assertLess(alpha.min(), 0.05)  # the head class is slowed down strongly
 
+  def test_default_mode_ignores_classes_without_gradient(self):
+    """A 10-class head of which the loss sees 5 (prior-adjusted CE, count 0 for the rest): with no
+    masks passed, the 5 zero-gradient rows must not pull the minimum to 0 and stop every class."""
+    counts = jnp.array([300.0, 100.0, 30.0, 10.0, 3.0, 0, 0, 0, 0, 0])
+    feats = jax.random.normal(jax.random.PRNGKey(0), (64, 8))
+    labels = jax.random.randint(jax.random.PRNGKey(1), (64,), 0, 5)
+    params = {"kernel": 0.1 * jax.random.normal(jax.random.PRNGKey(2), (8, 10)),
+              "bias": jnp.zeros(10)}
+    loss = lambda p: gr_jax.prior_adjusted_cross_entropy(feats @ p["kernel"] + p["bias"], labels,
+                                                         counts)
+    grads = jax.grad(loss)(params)
+    np.testing.assert_array_equal(np.asarray(grads["kernel"])[:, 5:], 0.0)
+    tx = gr_jax.gradient_reweighting()
+    out, state = tx.update(grads, tx.init(params))
+    seen = np.asarray(counts) > 0
+    _, _, _, expected, _ = oracle_step(np.zeros(10), np.asarray(grads["kernel"]),
+                                       np.asarray(grads["bias"]), np.zeros(10, bool), seen)
+    np.testing.assert_allclose(np.asarray(state.class_scale)[seen], expected[seen], rtol=1e-5)
+    self.assertEqual(float(np.max(np.asarray(state.class_scale)[seen])), 1.0)
+    # The same as passing the seen classes explicitly.
+    masked_out, _ = tx.update(grads, tx.init(params), new_classes=seen)
+    chex.assert_trees_all_close(out, masked_out)
+
   def test_balanced_gradients_give_uniform_scales(self):
     tx = gr_jax.gradient_reweighting()
     w = np.tile(np.array([[1.0], [2.0], [-2.0]], np.float32), (1, 5))
