@@ -331,8 +331,12 @@ def experiment_config(config_dict: Mapping[str, Any], *,
 
 
 def differing_keys(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
-  """The top-level keys (config sections) whose values differ between ``a`` and ``b``, sorted."""
-  return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+  """The top-level keys (config sections) whose values differ between ``a`` and ``b``, sorted.
+
+  Values compare as JSON: a tuple of a live config equals the list it was saved as.
+  """
+  return sorted(k for k in set(a) | set(b)
+                if to_json_compatible(a.get(k)) != to_json_compatible(b.get(k)))
 
 
 def mean_over_seeds(per_seed: Sequence[Mapping[str, Any]]) -> dict[str, Any]:

@@ -333,8 +333,12 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   wall_offset = 0.0
   if restored is not None:
     state, wall_offset = restored
-    logging.info("resumed from %s at phase %d epoch %d", checkpointer.directory,
-                 int(state.phase[0]), int(state.epoch[0]))
+    if int(state.phase[0]) < exp.plan.num_phases:
+      logging.info("resumed from %s at phase %d (of 0-%d), epoch %d", checkpointer.directory,
+                   int(state.phase[0]), exp.plan.num_phases - 1, int(state.epoch[0]))
+    else:
+      logging.info("all %d phases already trained in %s; writing the results again",
+                   exp.plan.num_phases, checkpointer.directory)
   lead = jax.process_index() == 0  # one process writes the run's files
   if lead:
     with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -376,8 +380,9 @@ def run(config: ml_collections.ConfigDict, workdir: str,
             bad = epoch + int(np.argmax(~np.isfinite(loss).all(axis=0)))
             raise FloatingPointError(
                 f"non-finite loss in phase {phase}, epoch {bad} (lr {_learning_rate(optim, bad)}); "
-                f"the last good checkpoint in {checkpointer.directory} is intact. Lower "
-                "config.optim.learning_rate or check the input data, then rerun to resume.")
+                f"the last good checkpoint in {checkpointer.directory} is intact. Start over in "
+                "a new --workdir with a lower config.optim.learning_rate (a workdir resumes only "
+                "the config it was started with), or fix the input data and rerun to resume.")
           params, batch_stats, opt_state, step = carry
           state = state.replace(params=params, batch_stats=batch_stats, opt_state=opt_state,
                                 step=step, epoch=state.epoch + count)

@@ -27,7 +27,10 @@ flags.mark_flags_as_required(["config"])
 
 
 class _Progress:
-  """One tqdm bar per phase, advanced by the trainer's per-epoch hook."""
+  """One tqdm bar per phase, advanced by the trainer's per-epoch hook.
+
+  Phases count from 0 (the base phase) to T-1, as in the logs, metrics.jsonl and results.json.
+  """
 
   def __init__(self):
     self._bar = None
@@ -38,7 +41,7 @@ class _Progress:
       self.close()
       self._phase = m["phase"]
       self._bar = tqdm.tqdm(total=m["epochs"], initial=m["epoch"], unit="epoch",
-                            desc=f"phase {m['phase'] + 1}/{m['phases']}", dynamic_ncols=True)
+                            desc=f"phase {m['phase']}/{m['phases'] - 1}", dynamic_ncols=True)
     self._bar.set_postfix(loss=f"{m['train/loss']:.3f}", lr=m["train/lr"],
                           img_s=f"{m['train/images_per_s']:.0f}")
     self._bar.update(1)

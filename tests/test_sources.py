@@ -215,6 +215,10 @@ def test_tfds_errors():
   pytest.importorskip("tensorflow_datasets")
   with pytest.raises(ValueError, match="unknown tfds dataset 'no_such_dataset_xyz'"):
     sources.load_dataset("tfds", name="no_such_dataset_xyz")
+  # A near miss gets tfds's suggestion, not its list of every dataset.
+  with pytest.raises(ValueError, match="Did you mean: cifar1000 -> cifar100") as err:
+    sources.load_dataset("tfds", name="cifar1000")
+  assert len(str(err.value).splitlines()) == 1
   with pytest.raises(ValueError, match="needs a dataset name"):
     sources.load_dataset("tfds")
 

@@ -93,8 +93,11 @@ def test_workdir_of_another_config_is_refused(cifar100_npz, uninterrupted):
   workdir, _ = uninterrupted
   before = sorted(os.listdir(workdir / "checkpoints"))
   other = tiny_config(cifar100_npz, **{"optim.learning_rate": 0.05})
-  with pytest.raises(ValueError, match="different run.*optim"):
+  with pytest.raises(ValueError, match=r"different run \(differing: optim\)"):
     trainer.run(other, str(workdir))
+  # Only what differs is named (the saved config's lists equal the live config's tuples).
+  with pytest.raises(ValueError, match=r"different run \(differing: seed\)"):
+    trainer.run(tiny_config(cifar100_npz, seed=7), str(workdir))
   assert sorted(os.listdir(workdir / "checkpoints")) == before
 
 

@@ -585,9 +585,11 @@ def _load_tfds(name: str, *, data_dir: str | None, image_size: int | None,
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError as e:
+    # tfds's message lists every dataset it has (hundreds of lines); keep its suggestion only.
+    hint = next((l.strip() for l in str(e).splitlines() if l.startswith("Did you mean")), "")
     raise ValueError(f"unknown tfds dataset {name!r}; known here: "
                      f"{', '.join(sorted(KNOWN_TFDS_DATASETS))} (any tfds image-classification "
-                     f"dataset name works): {e}") from e
+                     f"dataset name works). {hint}".rstrip()) from None
   features = builder.info.features
   if "image" not in features or "label" not in features:
     raise ValueError(f"tfds dataset {name!r} has features {list(features)}; gr_jax needs an "
