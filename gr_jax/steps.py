@@ -247,8 +247,8 @@ def extract_features(params, batch_stats, images, *, model, augment, mesh=None):
 SEED_EXECUTIONS = ("vmap", "sequential")
 
 
-def over_seeds(fn: Callable[..., Any], in_axes: tuple[Any, ...], execution: str
-               ) -> Callable[..., Any]:
+def over_seeds(fn: Callable[..., Any], in_axes: tuple[Any, ...], execution: str,
+               unroll: bool = False) -> Callable[..., Any]:
   """Maps ``fn`` over the leading seed axis of the arguments whose ``in_axes`` entry is 0.
 
   ``in_axes`` is a tuple with one entry per positional argument, each 0, None or a pytree prefix
@@ -258,7 +258,10 @@ def over_seeds(fn: Callable[..., Any], in_axes: tuple[Any, ...], execution: str
   * ``'vmap'``: all seeds batched into each op. Convolutions with per-seed weights become grouped
     convolutions, which cuDNN runs slower per seed than dense ones (BENCHMARKS.md);
   * ``'sequential'``: a ``lax.map`` over the seeds inside the one compiled program: every seed runs
-    the dense single-seed kernels, one seed after the other.
+    the dense single-seed kernels, one seed after the other. With ``unroll`` the seeds are traced
+    one after the other instead, with no loop: XLA:CPU runs convolutions inside loops an order of
+    magnitude slower (the host-loop epoch path sets it), while on a GPU the loop keeps compilation
+    time independent of the number of seeds.
   """
   if execution not in SEED_EXECUTIONS:
     raise ValueError(f"unknown seed execution {execution!r}: use one of {SEED_EXECUTIONS}")
@@ -281,6 +284,10 @@ def over_seeds(fn: Callable[..., Any], in_axes: tuple[Any, ...], execution: str
       return jax.tree.map(lambda x: x[None], out)
     if execution == "vmap":
       return vmapped(*args)
+    if unroll:
+      outs = [fn(*merge(jax.tree.map(lambda x, i=i: x[i], batched), other))
+              for i in range(num_seeds)]
+      return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
     return jax.lax.map(lambda b: fn(*merge(b, other)), batched)
 
   # Compiled programs (profiles, HLO dumps) keep the wrapped function's name.
@@ -313,7 +320,7 @@ def make_step_fns(model, tx, method: Method, train_augment, test_augment, *, bat
   step_kwargs = dict(model=model, tx=tx, method=method, augment=train_augment,
                      batch_size=batch_size, incremental=incremental, mesh=mesh)
   data_axes = PhaseData(0, 0, None)
-  seeds = functools.partial(over_seeds, execution=seed_execution)
+  seeds = functools.partial(over_seeds, execution=seed_execution, unroll=not epoch_as_scan)
   evaluate_fn = jax.jit(seeds(
       functools.partial(evaluate, model=model, augment=test_augment, mesh=mesh),
       (0, 0, None, None, None, None, None)))

@@ -47,19 +47,22 @@ class OverSeedsTest(chex.TestCase):
                   for s in range(num_seeds)]
       expected = jax.tree.map(lambda *v: jnp.stack(v), *expected)
       for mode in steps.SEED_EXECUTIONS:
-        got = self.variant(steps.over_seeds(_fn, AXES, mode))(*args)
-        chex.assert_trees_all_close(got, expected, rtol=1e-6)
-        chex.assert_shape(got["out"], (num_seeds, 5))
+        for unroll in (False, True):
+          got = self.variant(steps.over_seeds(_fn, AXES, mode, unroll=unroll))(*args)
+          chex.assert_trees_all_close(got, expected, rtol=1e-6)
+          chex.assert_shape(got["out"], (num_seeds, 5))
 
   def test_keeps_the_function_name_and_rejects_unknown_modes(self):
     assert steps.over_seeds(_fn, AXES, "sequential").__name__ == "_fn"
     with pytest.raises(ValueError, match="unknown seed execution 'pmap'"):
       steps.over_seeds(_fn, AXES, "pmap")
 
-  def test_sequential_lowers_to_a_loop_and_vmap_does_not(self):
+  def test_sequential_lowers_to_a_loop_unless_unrolled_and_vmap_does_not(self):
     args = _inputs(3)
     text = lambda mode: jax.jit(steps.over_seeds(_fn, AXES, mode)).lower(*args).as_text()
     assert "while" in text("sequential") and "while" not in text("vmap")
+    unrolled = jax.jit(steps.over_seeds(_fn, AXES, "sequential", unroll=True)).lower(*args)
+    assert "while" not in unrolled.as_text()
 
 
 def test_trace_summary_of_a_synthetic_trace(tmp_path):

@@ -282,6 +282,12 @@ def test_seeds_train_together_and_report_mean_and_std(cifar100_npz, tmp_path):
   matrices = np.asarray([np.asarray(r["acc_tag"], dtype=float) for r in per_seed])
   np.testing.assert_allclose(np.asarray(results["acc_tag"], dtype=float),
                              np.where(np.isnan(matrices[0]), np.nan, matrices.mean(axis=0)))
+  # On the CPU the seeds of one program are unrolled (no loop), each the single-seed program: seed
+  # 1 trained alone gets the same accuracies to the last bit.
+  alone = trainer.run(tiny_config(cifar100_npz, seed=1, **{"protocol.num_tasks": 2,
+                                                           "protocol.num_classes": 8}),
+                      str(tmp_path / "seed1_alone"))
+  np.testing.assert_array_equal(np.asarray(alone["acc_tag"], dtype=float), matrices[1])
   _check_combine_seeds(tmp_path, json.loads((tmp_path / "results.json").read_text()))
 
 
