@@ -1,4 +1,5 @@
-"""RESULTS.md and BENCHMARKS.md against the committed result files they cite.
+"""RESULTS.md and BENCHMARKS.md against the committed result files they cite (and docs/method.md
+against the shared specification).
 
 The reproduction tables are written by hand from `results/*.json`; these tests keep the two from
 drifting apart: every cited file exists, and every table row that cites a results file reports that
@@ -56,3 +57,12 @@ def test_result_tables_report_the_cited_files():
       assert shown == pytest.approx(result[key], abs=0.0051), (name, key, line)
       if shown_std is not None:
         assert shown_std == pytest.approx(result[f"{key}_std"], abs=0.0051), (name, key, line)
+
+
+def test_method_spec_is_the_shared_one():
+  """docs/method.md, which the docstrings cite, is a copy of the project's shared specification."""
+  shared = ROOT.parent / "shared" / "docs" / "method.md"
+  if not shared.is_file():
+    pytest.skip(f"the shared specification is not at {shared}")
+  assert (ROOT / "docs" / "method.md").read_text() == shared.read_text(), (
+      "docs/method.md differs from ../shared/docs/method.md: copy the shared one over it")
