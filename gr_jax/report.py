@@ -207,8 +207,8 @@ def _atomic_write(path: str, write_fn, mode: str = 'w'):
   umask = os.umask(0)
   os.umask(umask)
   try:
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the result should read like any file
     with os.fdopen(fd, mode) as f:
+      os.fchmod(f.fileno(), 0o666 & ~umask)  # mkstemp makes 0600; give what open() would
       write_fn(f)
       f.flush()
       os.fsync(f.fileno())
