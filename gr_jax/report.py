@@ -17,8 +17,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 import struct
-import tempfile
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -202,13 +202,12 @@ def _ends_with_newline(path: str) -> bool:
 def _atomic_write(path: str, write_fn, mode: str = 'w'):
   """Writes via a temporary file in the same directory + ``os.replace``: never a half file, and
   the file gets the permissions ``open`` would give it."""
-  directory = os.path.dirname(path) or '.'
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + '.', suffix='.tmp')
-  umask = os.umask(0)
-  os.umask(umask)
+  tmp = f'{path}.{secrets.token_hex(4)}.tmp'
+  # Created as open() creates files (0666 less the umask), not with mkstemp's 0600; reading the
+  # umask would mean setting it, which races with other threads creating files.
+  fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
   try:
     with os.fdopen(fd, mode) as f:
-      os.fchmod(f.fileno(), 0o666 & ~umask)  # mkstemp makes 0600; give what open() would
       write_fn(f)
       f.flush()
       os.fsync(f.fileno())
