@@ -44,7 +44,9 @@ def _version(package: str) -> str | None:
 
 
 def provenance(devices: Iterable[Any] = ()) -> dict[str, Any]:
-  """``{'commit', 'python', 'packages': {name: version}, 'device_kinds'}`` for ``results.json``.
+  """``{'commit', 'python', 'packages': {name: version}, 'device_kinds', 'xla_flags'}`` for
+  ``results.json``. ``xla_flags`` is ``$XLA_FLAGS`` (or ``None``): flags such as
+  ``--xla_gpu_deterministic_ops=true`` change the kernels and so the numbers.
 
   Args:
     devices: the jax devices the run used; their ``device_kind`` (e.g. ``'NVIDIA H100 80GB
@@ -55,4 +57,5 @@ def provenance(devices: Iterable[Any] = ()) -> dict[str, Any]:
       'python': platform.python_version(),
       'packages': {p: _version(p) for p in _PACKAGES},
       'device_kinds': sorted({str(getattr(d, 'device_kind', d)) for d in devices}),
+      'xla_flags': os.environ.get('XLA_FLAGS'),
   }

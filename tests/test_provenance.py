@@ -59,3 +59,10 @@ def test_versions_and_device_kinds_are_recorded():
   assert record["packages"]["jax"] == jax.__version__
   assert record["packages"]["optax"]
   assert record["device_kinds"] == sorted({d.device_kind for d in jax.devices()})
+
+
+def test_xla_flags_are_recorded(monkeypatch):
+  monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_deterministic_ops=true")
+  assert provenance.provenance()["xla_flags"] == "--xla_gpu_deterministic_ops=true"
+  monkeypatch.delenv("XLA_FLAGS")
+  assert provenance.provenance()["xla_flags"] is None
