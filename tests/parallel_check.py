@@ -2,12 +2,12 @@ r"""1 vs N devices: the same short DGR run, once on one device and once data-par
 
 Run in its own process (the forced host device count must be set before JAX starts)::
 
-  python tests/parallel_check.py 4 --data ../shared/data/cifar100.npz
+  python tests/parallel_check.py 4,8 --data ../shared/data/cifar100.npz
 
-It sets ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` and ``JAX_PLATFORMS=cpu``, then
-trains a 2-phase run (phase 0: intra-phase GR; phase 1: DGR with the phase-0 model as teacher) with
-``config.num_devices=1`` and with ``config.num_devices=N`` through ``trainer.run`` in two workdirs,
-and compares them (tolerances and their measured justification: ``TIGHT`` / ``CARRIED`` below):
+It sets ``XLA_FLAGS=--xla_force_host_platform_device_count=`` the largest N and ``JAX_PLATFORMS=cpu``,
+then trains a 2-phase run (phase 0: intra-phase GR; phase 1: DGR with the phase-0 model as teacher)
+once with ``config.num_devices=1`` and once with ``config.num_devices=N`` for each N given, through
+``trainer.run`` in separate workdirs, and compares each N-device run with the 1-device one (tolerances and their measured justification: ``TIGHT`` / ``CARRIED`` below):
 
   * every epoch's ``train/loss``, ``train/loss_ce``, ``train/loss_kd``, ``train/gr_beta`` and
     ``train/gr_scale_min`` from ``metrics.jsonl``;
@@ -24,8 +24,8 @@ function returned lives on N devices, the compiled train steps (dumped HLO) are 
 and contain all-reduces, and ``results.json`` lists N devices. Finally it checks that a batch size
 that does not split over N devices is refused with ``parallel.check_batch``'s ValueError.
 
-Prints one line starting with ``PARALLEL_OK`` with the largest absolute difference of each group
-(``_p1``: end-to-end phase 1) and exits 0; on any mismatch prints ``PARALLEL_MISMATCH`` with the
+Prints one line per N starting with ``PARALLEL_OK`` with the largest absolute difference of each
+group (``_p1``: end-to-end phase 1) and exits 0; on any mismatch prints ``PARALLEL_MISMATCH`` with the
 reason and exits 1. Options: ``--epoch_as_scan``, ``--epochs``, ``--batch_size``,
 ``--learning_rate`` (0.01: see ``CARRIED``), ``--workdir`` (keep both runs).
 """
@@ -39,7 +39,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _parse_args(argv=None):
   parser = argparse.ArgumentParser(description="1 vs N devices: the same short DGR run.")
-  parser.add_argument("num_devices", type=int, help="N: forced CPU devices of the parallel run")
+  parser.add_argument("num_devices", type=lambda s: sorted({int(n) for n in s.split(",")}),
+                      help="N, or N1,N2,...: the device counts of the parallel runs (one process "
+                      "with the largest count of forced CPU devices; the 1-device run is shared)")
   parser.add_argument("--data", default=os.environ.get(
       "GR_JAX_DATA_NPZ", os.path.join(REPO, "..", "shared", "data", "cifar100.npz")))
   parser.add_argument("--batch_size", type=int, default=16)
@@ -56,7 +58,7 @@ if __name__ == "__main__":
   os.environ["XLA_FLAGS"] = " ".join(
       [f for f in os.environ.get("XLA_FLAGS", "").split()
        if not f.startswith("--xla_force_host_platform_device_count")]
-      + [f"--xla_force_host_platform_device_count={ARGS.num_devices}"])
+      + [f"--xla_force_host_platform_device_count={max(ARGS.num_devices)}"])
   os.environ["JAX_PLATFORMS"] = "cpu"
   # The compiled train step / epoch is dumped to show that the N-device one all-reduces.
   import tempfile  # pylint: disable=g-import-not-at-top
@@ -392,40 +394,48 @@ def check_indivisible_batch(data, n, scan):
 
 
 def main(args):
-  n = args.num_devices
-  if len(jax.devices()) != n:
-    raise SystemExit(f"PARALLEL_MISMATCH expected {n} forced CPU devices, JAX sees "
+  counts = args.num_devices
+  if len(jax.devices()) != max(counts):
+    raise SystemExit(f"PARALLEL_MISMATCH expected {max(counts)} forced CPU devices, JAX sees "
                      f"{len(jax.devices())} ({jax.devices()}); was jax imported before XLA_FLAGS?")
-  if args.batch_size % n:
-    raise SystemExit(f"--batch_size {args.batch_size} must be a multiple of {n}")
+  if any(args.batch_size % n for n in counts):
+    raise SystemExit(f"--batch_size {args.batch_size} must be a multiple of each of {counts}")
+  lines = []
+  n = 1
   try:
-    check_indivisible_batch(args.data, n, args.epoch_as_scan)
     with tempfile.TemporaryDirectory() as tmp:
       root = args.workdir or tmp
       runs = {}
-      for devices in (1, n):
+      for devices in [1] + [c for c in counts if c != 1]:
+        n = devices
+        if devices > 1:
+          check_indivisible_batch(args.data, devices, args.epoch_as_scan)
         wd = os.path.join(root, f"devices_{devices}")
         config = make_config(args.data, devices, args.batch_size, args.epochs, args.epoch_as_scan,
                              args.learning_rate)
         tic = time.time()
         runs[devices] = (wd,) + train(config, wd)
         print(f"{devices} device(s): trained in {time.time() - tic:.1f}s", file=sys.stderr)
-      (wd1, res1, rec1), (wdn, resn, recn) = runs[1], runs[n]
-      if rec1.exp.mesh.size != 1:
-        raise Mismatch(f"num_devices=1 run built a mesh of {rec1.exp.mesh.size} devices")
-      partitioned = check_used_devices(n, recn.exp, recn, resn)
-      diffs = Diffs()
-      states1 = compare(wd1, rec1.exp, res1, wdn, recn.exp, resn, diffs)
-      isolated_dgr_step(states1, rec1.exp, recn.exp, diffs)
+        if devices == 1:
+          if runs[1][2].exp.mesh.size != 1:
+            raise Mismatch(f"num_devices=1 run built a mesh of {runs[1][2].exp.mesh.size} devices")
+          continue
+        (wd1, res1, rec1), (wdn, resn, recn) = runs[1], runs[devices]
+        partitioned = check_used_devices(devices, recn.exp, recn, resn)
+        diffs = Diffs()
+        states1 = compare(wd1, rec1.exp, res1, wdn, recn.exp, resn, diffs)
+        isolated_dgr_step(states1, rec1.exp, recn.exp, diffs)
+        summary = " ".join(f"{k}={v:.3g}" for k, v in sorted(diffs.max.items()))
+        margin = " ".join(f"{k}={v:.2f}" for k, v in sorted(diffs.worst.items()))
+        print(f"devices={devices} diff / tolerance (pass < 1): {margin}", file=sys.stderr)
+        lines.append(f"PARALLEL_OK devices={devices} batch={args.batch_size} epochs={args.epochs} "
+                     f"scan={args.epoch_as_scan} lr={args.learning_rate} "
+                     f"checkpoints={len(states1)} partitioned_train_modules={partitioned} "
+                     f"max_abs_diff: {summary}")
   except Mismatch as err:
     print(f"PARALLEL_MISMATCH devices={n}: {err}", flush=True)
     return 1
-  summary = " ".join(f"{k}={v:.3g}" for k, v in sorted(diffs.max.items()))
-  margin = " ".join(f"{k}={v:.2f}" for k, v in sorted(diffs.worst.items()))
-  print(f"diff / tolerance (pass < 1): {margin}", file=sys.stderr)
-  print(f"PARALLEL_OK devices={n} batch={args.batch_size} epochs={args.epochs} "
-        f"scan={args.epoch_as_scan} lr={args.learning_rate} checkpoints={len(states1)} "
-        f"partitioned_train_modules={partitioned} max_abs_diff: {summary}", flush=True)
+  print("\n".join(lines), flush=True)
   return 0
 
 
