@@ -4,10 +4,11 @@ Run in its own process (the forced host device count must be set before JAX star
 
   python tests/parallel_check.py 4,8 --data ../shared/data/cifar100.npz
 
-It sets ``XLA_FLAGS=--xla_force_host_platform_device_count=`` the largest N and ``JAX_PLATFORMS=cpu``,
-then trains a 2-phase run (phase 0: intra-phase GR; phase 1: DGR with the phase-0 model as teacher)
-once with ``config.num_devices=1`` and once with ``config.num_devices=N`` for each N given, through
-``trainer.run`` in separate workdirs, and compares each N-device run with the 1-device one (tolerances and their measured justification: ``TIGHT`` / ``CARRIED`` below):
+It sets ``XLA_FLAGS=--xla_force_host_platform_device_count=`` (the largest N) and
+``JAX_PLATFORMS=cpu``, then trains a 2-phase run (phase 0: intra-phase GR; phase 1: DGR with the
+phase-0 model as teacher) once with ``config.num_devices=1`` and once with ``config.num_devices=N``
+for each N given, through ``trainer.run`` in separate workdirs, and compares each N-device run with
+the 1-device one (tolerances and their measured justification: ``TIGHT`` / ``CARRIED`` below):
 
   * every epoch's ``train/loss``, ``train/loss_ce``, ``train/loss_kd``, ``train/gr_beta`` and
     ``train/gr_scale_min`` from ``metrics.jsonl``;
@@ -25,8 +26,8 @@ and contain all-reduces, and ``results.json`` lists N devices. Finally it checks
 that does not split over N devices is refused with ``parallel.check_batch``'s ValueError.
 
 Prints one line per N starting with ``PARALLEL_OK`` with the largest absolute difference of each
-group (``_p1``: end-to-end phase 1) and exits 0; on any mismatch prints ``PARALLEL_MISMATCH`` with the
-reason and exits 1. Options: ``--epoch_as_scan``, ``--epochs``, ``--batch_size``,
+group (``_p1``: end-to-end phase 1) and exits 0; on any mismatch prints ``PARALLEL_MISMATCH`` with
+the reason and exits 1. Options: ``--epoch_as_scan``, ``--epochs``, ``--batch_size``,
 ``--learning_rate`` (0.01: see ``CARRIED``), ``--workdir`` (keep both runs).
 """
 
