@@ -122,7 +122,8 @@ def gradient_reweighting(
     * ``new_classes``, ``old_classes``: bool ``[C]`` masks. Without them every class is new (plain
       intra-phase GR); with ``old_classes`` the update is DGR.
     * ``kd_updates``: the KD gradient, a pytree shaped like ``updates`` (only its classifier leaves
-      are read). For classifier leaves ``updates`` must then hold the CE gradient alone; for every
+      are read); it requires ``old_classes`` (a ValueError otherwise, as do masks not shaped
+      ``[C]``). For classifier leaves ``updates`` must then hold the CE gradient alone; for every
       other leaf ``updates`` holds the gradient of the total loss, which passes through.
     * ``gamma``: γ = exp(−N_seen / (N_seen + N_new)) of the phase.
 
@@ -147,6 +148,13 @@ def gradient_reweighting(
     leaves, treedef, index = _classifier_leaves(classifier, updates)
     num_classes = state.cumulative_norms.shape[0]
     chex.assert_shape([leaves[i] for i in index], (..., num_classes))
+    for name, mask in (("new_classes", new_classes), ("old_classes", old_classes)):
+      if mask is not None and jnp.shape(mask) != (num_classes,):
+        raise ValueError(f"{name} has shape {jnp.shape(mask)}; expected ({num_classes},): one bool "
+                         "per class, the phase's class mask (gr_jax.phase_constants), not a batch's")
+    if kd_updates is not None and old_classes is None:
+      raise ValueError("kd_updates needs old_classes: the KD gradient is added to the old classes' "
+                       "rows only (DGR); pass the phase's old-class mask (gr_jax.phase_constants)")
 
     no_old = jnp.zeros((num_classes,), bool)
     old = no_old if old_classes is None else jnp.asarray(old_classes, bool)

@@ -67,7 +67,11 @@ class Experiment:
 
 def parse_seeds(config) -> tuple[int, ...]:
   if config.get("seeds"):
-    seeds = tuple(int(s) for s in str(config.seeds).split(",") if s.strip())
+    try:
+      seeds = tuple(int(s) for s in str(config.seeds).split(",") if s.strip())
+    except ValueError:
+      raise ValueError(f"config.seeds={config.seeds!r}: give comma-separated integers, e.g. "
+                       "--config.seeds=0,1,2") from None
     if len(set(seeds)) != len(seeds):
       raise ValueError(f"config.seeds={config.seeds!r} repeats a seed")
     return seeds
@@ -169,6 +173,11 @@ def validate_config(config) -> None:
     raise ValueError(f"config.memory.selection={config.memory.selection!r}: use herding or random")
   if config.optim.epochs <= 0 or config.optim.batch_size <= 0:
     raise ValueError("config.optim.epochs and config.optim.batch_size must be positive")
+  for key, why in (("every_epochs", "epochs between checkpoints; phase ends always save"),
+                   ("keep", "checkpoints kept; with none a run cannot resume")):
+    value = config.checkpoint[key]
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+      raise ValueError(f"config.checkpoint.{key}={value!r}: must be an integer >= 1 ({why})")
 
 
 def _padded(images, labels, idx: np.ndarray, length: int, plan: protocol.Plan):
@@ -323,8 +332,8 @@ def run(config: ml_collections.ConfigDict, workdir: str,
         on_epoch: Optional[EpochHook] = None) -> dict[str, Any]:
   """Runs (or resumes) the whole protocol; returns the results written to ``results.json``."""
   parallel.initialize_distributed()
+  exp = build_experiment(config)  # validates the config and loads the data before any file is made
   os.makedirs(workdir, exist_ok=True)
-  exp = build_experiment(config)
   config_dict = config.to_dict()
   checkpointer = ckpt.Checkpointer(workdir, config_dict, keep=config.checkpoint.keep,
                                   data_digest=sources.dataset_digest(exp.dataset))

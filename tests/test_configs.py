@@ -3,6 +3,7 @@
 import pytest
 
 from configs import cifar100_lt
+from gr_jax import trainer
 from configs import food101
 from configs import imagenet_subset
 
@@ -30,3 +31,18 @@ def test_imagenet_style_configs():
 def test_unknown_preset_is_refused_with_the_known_ones():
   with pytest.raises(ValueError, match="unknown config preset 'lfs21'.*lfs20"):
     cifar100_lt.get_config("lfs21")
+
+
+@pytest.mark.parametrize("key,value", [("every_epochs", 0), ("keep", 0), ("keep", -1)])
+def test_checkpoint_settings_that_would_crash_or_stop_resuming_are_refused(key, value):
+  c = cifar100_lt.get_config("smoke")
+  c.checkpoint[key] = value
+  with pytest.raises(ValueError, match=rf"config.checkpoint.{key}={value!r}: must be an integer >= 1"):
+    trainer.validate_config(c)
+
+
+def test_bad_seeds_name_the_setting():
+  c = cifar100_lt.get_config("smoke")
+  c.seeds = "a,b"
+  with pytest.raises(ValueError, match=r"config.seeds='a,b': give comma-separated integers"):
+    trainer.parse_seeds(c)

@@ -229,6 +229,18 @@ class ReweightTest(chex.TestCase, parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "no classifier weight leaf"):
       tx.init({"kernel": jnp.ones((2, 3))})
 
+  def test_misused_extra_args_are_clear_errors(self):
+    w, b = random_grads(11, num_classes=5)
+    params = params_like(w, b)
+    grads = {"backbone": {"kernel": jnp.ones((3, 4)), "bias": jnp.ones((4,))},
+             "classifier": {"kernel": w, "bias": b}}
+    tx = gr_jax.gradient_reweighting(select_classifier)
+    state = tx.init(params)
+    with self.assertRaisesRegex(ValueError, r"new_classes has shape \(1,\); expected \(5,\)"):
+      tx.update(grads, state, new_classes=np.array([True]))
+    with self.assertRaisesRegex(ValueError, "kd_updates needs old_classes"):
+      tx.update(grads, state, kd_updates=grads)
+
 
 class BalancingTest(parameterized.TestCase):
 
