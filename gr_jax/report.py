@@ -377,6 +377,22 @@ def _per_seed(results: Mapping[str, Any]) -> list[dict[str, Any]]:
   return [{k: v for k, v in results.items() if k not in _RUN_KEYS}]
 
 
+def load_results(path: str) -> dict[str, Any]:
+  """A ``results.json`` written by a run or by seed pooling; ValueError in one line otherwise."""
+  try:
+    with open(path) as f:
+      results = json.load(f)
+  except FileNotFoundError:
+    raise ValueError(f"{path}: no such file") from None
+  except (UnicodeDecodeError, json.JSONDecodeError):
+    raise ValueError(f"{path}: not JSON; give a run's results.json") from None
+  if (not isinstance(results, dict) or "average_incremental_accuracy" not in results
+      or not {"avg_acc_per_phase", "per_seed"} & results.keys()):
+    raise ValueError(f"{path}: not a results.json (no average_incremental_accuracy and "
+                     "avg_acc_per_phase); give a run's results.json")
+  return results
+
+
 def combine_seed_results(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
   """Pools the ``results.json`` of runs that differ only in their seeds (e.g. run on different
   GPUs or in turn) into one results dict shaped like a multi-seed run's: mean, ``*_std`` and

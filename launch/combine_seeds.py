@@ -26,14 +26,10 @@ def main(argv):
   paths = argv[1:]
   if not paths:
     raise app.UsageError("give the results.json files of the runs to pool")
-  runs = []
-  for path in paths:
-    with open(path) as f:
-      runs.append(json.load(f))
   try:
-    pooled = report.combine_seed_results(runs)
+    pooled = report.combine_seed_results([report.load_results(path) for path in paths])
   except ValueError as e:
-    raise app.UsageError(str(e)) from None
+    raise SystemExit(f"error: {e}") from None
   os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
   with open(_OUT.value, "w") as f:
     json.dump(report.to_json_compatible(pooled), f, indent=1, allow_nan=False)

@@ -7,7 +7,6 @@ seeds); with several seeds a band shows ± one standard deviation over them. The
 average incremental accuracy (mean ± std) and the seed count.
 """
 
-import json
 import os
 import sys
 
@@ -16,6 +15,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 import numpy as np
+
+from gr_jax import report
 
 _OUT = flags.DEFINE_string("out", None, "PNG to write.")
 _TITLE = flags.DEFINE_string("title", "TAg accuracy after each phase", "Figure title.")
@@ -39,10 +40,14 @@ def main(argv):
   fig = Figure(figsize=(7.5, 4.5))
   FigureCanvasAgg(fig)
   ax = fig.subplots()
+  runs = []
   for item in inputs:
     label, path = item.split("=", 1)
-    with open(path) as f:
-      results = json.load(f)
+    try:
+      runs.append((label, report.load_results(path)))
+    except ValueError as e:
+      raise SystemExit(f"error: {e}") from None
+  for label, results in runs:
     mean, std, seeds = _curves(results)
     phases = np.arange(mean.size)
     aia = results["average_incremental_accuracy"]
@@ -58,7 +63,9 @@ def main(argv):
   ax.grid(alpha=0.3)
   ax.legend()
   fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
   fig.savefig(_OUT.value, dpi=100)
+  print(f"wrote {_OUT.value}")
 
 
 if __name__ == "__main__":

@@ -177,6 +177,18 @@ def test_plot_results_script_draws_runs_with_seed_bands(tmp_path):
   bad = subprocess.run([sys.executable, script, f'--out={out}', str(paths[0])],
                        capture_output=True, text=True)
   assert bad.returncode != 0 and 'label=path' in bad.stderr
+  nested = tmp_path / 'new_dir' / 'phases.png'  # a missing output folder is created
+  done = subprocess.run([sys.executable, script, f'--out={nested}', f'single={paths[0]}'],
+                        capture_output=True, text=True)
+  assert done.returncode == 0 and nested.exists(), done.stderr
+  other = tmp_path / 'bench.json'
+  other.write_text(json.dumps({'img_s': 1.0}))
+  for wrong, says in ((other, 'not a results.json'), (tmp_path / 'nope.json', 'no such file'),
+                      (out, 'not JSON')):
+    bad = subprocess.run([sys.executable, script, f'--out={out}', f'x={wrong}'],
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and says in bad.stderr, bad.stderr
+    assert bad.stderr.strip().splitlines() == [bad.stderr.strip()], 'a one-line error'
 
 
 def test_config_entries_added_later_keep_older_runs_comparable():
