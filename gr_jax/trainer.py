@@ -157,6 +157,15 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
                     init_optimizer=jax.jit(jax.vmap(tx.init)))
 
 
+def _require_positive_int(config, key: str, problem: str) -> None:
+  """ValueError ``config.<key>=<value>: <problem>`` unless the entry is an int >= 1 (not a bool)."""
+  value = config
+  for part in key.split("."):
+    value = value[part]
+  if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+    raise ValueError(f"config.{key}={value!r}: {problem}")
+
+
 def validate_config(config) -> None:
   if str(config.epoch_as_scan).lower() not in ("auto", "true", "false"):
     raise ValueError(f"config.epoch_as_scan={config.epoch_as_scan!r}: use auto, true or false")
@@ -165,19 +174,16 @@ def validate_config(config) -> None:
                      f"{steps.SEED_EXECUTIONS}")
   if config.dtype not in ("float32", "bfloat16"):
     raise ValueError(f"config.dtype={config.dtype!r}: use float32 or bfloat16")
-  per_class = config.memory.per_class
-  if not isinstance(per_class, int) or isinstance(per_class, bool) or per_class <= 0:
-    raise ValueError(f"config.memory.per_class={per_class!r}: the exemplar budget must be a "
-                     "positive integer (images kept per old class, 20 in the paper)")
+  _require_positive_int(config, "memory.per_class", "the exemplar budget must be a positive "
+                        "integer (images kept per old class, 20 in the paper)")
   if config.memory.selection not in ("herding", "random"):
     raise ValueError(f"config.memory.selection={config.memory.selection!r}: use herding or random")
   if config.optim.epochs <= 0 or config.optim.batch_size <= 0:
     raise ValueError("config.optim.epochs and config.optim.batch_size must be positive")
-  for key, why in (("every_epochs", "epochs between checkpoints; phase ends always save"),
-                   ("keep", "checkpoints kept; with none a run cannot resume")):
-    value = config.checkpoint[key]
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-      raise ValueError(f"config.checkpoint.{key}={value!r}: must be an integer >= 1 ({why})")
+  _require_positive_int(config, "checkpoint.every_epochs", "must be an integer >= 1 (epochs "
+                        "between checkpoints; phase ends always save)")
+  _require_positive_int(config, "checkpoint.keep", "must be an integer >= 1 (checkpoints kept; "
+                        "with none a run cannot resume)")
 
 
 def _padded(images, labels, idx: np.ndarray, length: int, plan: protocol.Plan):
