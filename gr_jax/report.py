@@ -430,7 +430,9 @@ def combine_seed_results(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     if key in first:
       out[key] = first[key]
   out['wall_time_s'] = float(sum(r.get('wall_time_s', 0.0) for r in runs))
-  out['wall_time_s_per_run'] = [r.get('wall_time_s') for r in runs]
+  # A pooled input contributes its own per-run list, so pooling pooled files keeps one per run.
+  out['wall_time_s_per_run'] = [w for r in runs
+                                for w in r.get('wall_time_s_per_run', [r.get('wall_time_s')])]
   out['devices'] = sorted({d for r in runs for d in r.get('devices', [])})
   # One entry per run pooled here (a pooled input contributes its list); older runs have none.
   out['provenance'] = [p for r in runs for p in _as_list(r.get('provenance'))]

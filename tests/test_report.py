@@ -238,3 +238,15 @@ def test_pooled_runs_keep_each_runs_provenance():
   again = report.combine_seed_results([first, run(2, 'ccccccc'),
                                        {**run(3, ''), 'provenance': None}])
   assert [p['commit'] for p in again['provenance']] == ['aaaaaaa', 'bbbbbbb', 'ccccccc']
+
+
+def test_pooling_a_pooled_file_keeps_one_wall_time_per_run():
+  def run(seed, wall):
+    return {'config': {'model': 'resnet32', 'seed': seed}, 'seeds': [seed], 'task_sizes': [5, 5],
+            'class_order': [0, 1], 'train_counts': [3, 2], 'average_incremental_accuracy': 30.0,
+            'wall_time_s': wall}
+
+  first = report.combine_seed_results([run(0, 100.0), run(1, 200.0)])
+  again = report.combine_seed_results([first, run(2, 400.0)])
+  assert again['wall_time_s_per_run'] == [100.0, 200.0, 400.0]
+  assert again['wall_time_s'] == 700.0 and again['seeds'] == [0, 1, 2]
