@@ -35,24 +35,55 @@ class GradientReweightingState(NamedTuple):
   kd_scale: jax.Array
 
 
-def _selection_mask(classifier: ClassifierSelector, tree: Any) -> Any:
-  if classifier is None:
-    return jax.tree.map(lambda _: True, tree)
-  if callable(classifier):
-    return classifier(tree)
-  return classifier
+def _mask_value(mask: Any, path: tuple[Any, ...]) -> bool:
+  """The mask's bool for the params leaf at ``path``, following the path only as deep as the mask.
+
+  Walking by key path (not by tree structure) is what lets the mask be a prefix of the params, as in
+  ``optax.masked``, and a plain dict match a flax ``FrozenDict`` (both flatten to ``DictKey``s).
+  """
+  node = mask
+  for depth, key in enumerate(path):
+    if jax.tree_util.treedef_is_leaf(jax.tree.structure(node)):
+      break
+    try:
+      if isinstance(key, jax.tree_util.DictKey):
+        node = node[key.key]
+      elif isinstance(key, jax.tree_util.SequenceKey):
+        node = node[key.idx]
+      elif isinstance(key, jax.tree_util.GetAttrKey):
+        node = getattr(node, key.name)
+      else:
+        node = jax.tree.flatten(node, is_leaf=lambda x, n=node: x is not n)[0][key.key]
+    except (KeyError, IndexError, AttributeError, TypeError) as e:
+      raise ValueError(
+          "the classifier mask must be the params' structure or a prefix of it (as for "
+          f"optax.masked); it has no entry for params{jax.tree_util.keystr(path[:depth + 1])}"
+      ) from e
+  if not jax.tree_util.treedef_is_leaf(jax.tree.structure(node)):
+    raise ValueError("the classifier mask goes deeper than the params at "
+                     f"params{jax.tree_util.keystr(path)}; give one bool per leaf or subtree")
+  try:
+    return bool(node)
+  except jax.errors.ConcretizationTypeError as e:
+    raise ValueError("the classifier mask must hold Python bools (it is static structure, as for "
+                     f"optax.masked); got a traced value at params{jax.tree_util.keystr(path)}"
+                     ) from e
 
 
 def _classifier_leaves(classifier: ClassifierSelector, tree: Any):
   """Returns (leaves, treedef, indices of the selected leaves), validating their shapes."""
-  leaves, treedef = jax.tree.flatten(tree)
-  selected = treedef.flatten_up_to(_selection_mask(classifier, tree))
-  index = [i for i, keep in enumerate(selected) if bool(keep)]
+  with_paths, treedef = jax.tree_util.tree_flatten_with_path(tree)
+  leaves = [leaf for _, leaf in with_paths]
+  if classifier is None:
+    index = list(range(len(leaves)))
+  else:
+    mask = classifier(tree) if callable(classifier) else classifier
+    index = [i for i, (path, _) in enumerate(with_paths) if _mask_value(mask, path)]
   if not any(jnp.ndim(leaves[i]) >= 2 for i in index):
     raise ValueError(
         "gradient_reweighting found no classifier weight leaf (a selected leaf with ndim >= 2, "
         "class axis last). Pass `classifier=` a mask or a function of the params that selects the "
-        "classifier's kernel and bias, e.g. `lambda p: {'backbone': ..., 'classifier': True}`.")
+        "classifier's kernel and bias, e.g. `{'backbone': False, 'classifier': True}`.")
   sizes = {jnp.shape(leaves[i])[-1] for i in index}
   if len(sizes) != 1:
     raise ValueError(
@@ -111,10 +142,14 @@ def gradient_reweighting(
   left out of its group's minimum and keeps α = 1, which leaves its zero gradient zero.
 
   Args:
-    classifier: which leaves are the classifier: ``None`` (every leaf; use inside ``optax.masked``),
-      a pytree of bools shaped like the params, or a function of the params returning one. Selected
-      leaves carry the class axis last; those with ``ndim >= 2`` are weights (their rows give
-      ``g_c``), 1-d ones are biases (scaled only). All other leaves pass through untouched.
+    classifier: which leaves are the classifier, given as ``optax.masked`` takes its mask: ``None``
+      (every leaf; use inside ``optax.masked``), a pytree of Python bools with the params'
+      structure or a prefix of it (a bool stands for a whole subtree, e.g.
+      ``{'params': {'backbone': False, 'head': True}}``), or a function of the params returning
+      one. Masks are matched to the params by key, so a dict mask fits ``FrozenDict`` params. The
+      mask is static structure, read at trace time. Selected leaves carry the class axis last;
+      those with ``ndim >= 2`` are weights (their rows give ``g_c``), 1-d ones are biases (scaled
+      only). All other leaves pass through untouched.
 
   The returned transform's ``update(updates, state, params=None, *, new_classes=None,
   old_classes=None, kd_updates=None, gamma=1.0)`` takes as extra arguments:
@@ -133,7 +168,6 @@ def gradient_reweighting(
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is :class:`GradientReweightingState`.
   """
-
   def init_fn(params):
     leaves, _, index = _classifier_leaves(classifier, params)
     num_classes = jnp.shape(leaves[index[0]])[-1]

@@ -5,6 +5,7 @@ import functools
 from absl.testing import absltest
 from absl.testing import parameterized
 import chex
+from flax.core import FrozenDict
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -240,6 +241,93 @@ class ReweightTest(chex.TestCase, parameterized.TestCase):
       tx.update(grads, state, new_classes=np.array([True]))
     with self.assertRaisesRegex(ValueError, "kd_updates needs old_classes"):
       tx.update(grads, state, kd_updates=grads)
+
+
+def flax_params_and_grads(seed=12, num_classes=6):
+  """Params shaped like a Flax model's variables ({'params': {...}}), their CE and KD gradients."""
+  w, b = random_grads(seed, num_classes=num_classes, scale=np.linspace(0.3, 3, num_classes))
+  wk, bk = random_grads(seed + 1, num_classes=num_classes)
+  backbone = {"conv": {"kernel": jnp.ones((3, 4))}, "bn": {"scale": jnp.ones((4,))}}
+  params = {"params": {"backbone": backbone,
+                       "head": {"kernel": jnp.zeros_like(w), "bias": jnp.zeros_like(b)}}}
+  grads = {"params": {"backbone": jax.tree.map(lambda x: 0.5 * x, backbone),
+                      "head": {"kernel": w, "bias": b}}}
+  kd = {"params": {"backbone": jax.tree.map(jnp.zeros_like, backbone),
+                   "head": {"kernel": wk, "bias": bk}}}
+  return params, grads, kd
+
+
+FULL_HEAD_MASK = {"params": {"backbone": {"conv": {"kernel": False}, "bn": {"scale": False}},
+                             "head": {"kernel": True, "bias": True}}}
+
+
+def two_dgr_steps(tx, params, grads, kd, update=None):
+  """Two jitted DGR steps; returns the second step's updates and state."""
+  update = jax.jit(tx.update) if update is None else update
+  old = np.array([1, 1, 1, 0, 0, 0], bool)
+  state = tx.init(params)
+  for _ in range(2):
+    out, state = update(grads, state, params, old_classes=old, kd_updates=kd, gamma=0.5)
+  return out, state
+
+
+class SelectorTest(chex.TestCase, parameterized.TestCase):
+  """``classifier=`` takes what optax.masked takes as a mask, whatever the dict container type."""
+
+  @parameterized.named_parameters(
+      ("subtree_bool", {"params": {"backbone": False, "head": True}}),
+      ("mixed_depths", {"params": {"backbone": {"conv": False, "bn": {"scale": False}},
+                                   "head": True}}),
+      ("callable_prefix", lambda p: {"params": {"backbone": False, "head": True}}),
+      ("callable_by_name", lambda p: {"params": {k: k == "head" for k in p["params"]}}),
+  )
+  def test_prefix_mask_equals_full_mask(self, mask):
+    params, grads, kd = flax_params_and_grads()
+    expected = two_dgr_steps(gr_jax.gradient_reweighting(FULL_HEAD_MASK), params, grads, kd)
+    got = two_dgr_steps(gr_jax.gradient_reweighting(mask), params, grads, kd)
+    chex.assert_trees_all_equal(got, expected)
+    # The head was reweighted (not passed through) and the backbone passed through.
+    head_out, head_in = got[0]["params"]["head"], grads["params"]["head"]
+    self.assertFalse(np.allclose(head_out["kernel"], head_in["kernel"]))
+    chex.assert_trees_all_equal(got[0]["params"]["backbone"], grads["params"]["backbone"])
+
+  def test_prefix_mask_agrees_with_optax_masked(self):
+    params, grads, kd = flax_params_and_grads()
+    prefix = {"params": {"backbone": False, "head": True}}
+    masked = optax.masked(gr_jax.gradient_reweighting(), prefix, mask_compatible_extra_args=True)
+    chex.assert_trees_all_close(
+        two_dgr_steps(masked, params, grads, kd)[0],
+        two_dgr_steps(gr_jax.gradient_reweighting(prefix), params, grads, kd)[0], rtol=1e-6)
+
+  @parameterized.named_parameters(
+      ("dict_full_mask", FULL_HEAD_MASK),
+      ("dict_prefix_mask", {"params": {"backbone": False, "head": True}}),
+      ("frozen_prefix_mask", FrozenDict({"params": {"backbone": False, "head": True}})),
+      ("callable_on_frozen", lambda p: {"params": {"backbone": False, "head": True}}),
+  )
+  def test_frozen_dict_params_take_dict_masks(self, mask):
+    params, grads, kd = flax_params_and_grads()
+    expected = two_dgr_steps(gr_jax.gradient_reweighting(FULL_HEAD_MASK), params, grads, kd)
+    got = two_dgr_steps(gr_jax.gradient_reweighting(mask), FrozenDict(params), FrozenDict(grads),
+                        FrozenDict(kd))
+    self.assertIsInstance(got[0], FrozenDict)  # the container type of the updates is kept
+    chex.assert_trees_all_equal(jax.tree.leaves(got), jax.tree.leaves(expected))
+
+  def test_frozen_mask_over_dict_params(self):
+    params, grads, kd = flax_params_and_grads()
+    expected = two_dgr_steps(gr_jax.gradient_reweighting(FULL_HEAD_MASK), params, grads, kd)
+    got = two_dgr_steps(gr_jax.gradient_reweighting(FrozenDict(FULL_HEAD_MASK)), params, grads, kd)
+    chex.assert_trees_all_equal(got, expected)
+
+  def test_mask_not_matching_params_is_a_clear_error(self):
+    params, _, _ = flax_params_and_grads()
+    missing = gr_jax.gradient_reweighting({"params": {"backbone": False, "heads": True}})
+    with self.assertRaisesRegex(ValueError, r"no entry for params\['params'\]\['head'\]"):
+      missing.init(params)
+    too_deep = gr_jax.gradient_reweighting(
+        {"params": {"backbone": False, "head": {"kernel": {"w": True}, "bias": True}}})
+    with self.assertRaisesRegex(ValueError, r"deeper than the params at params\['params'\]"):
+      too_deep.init(params)
 
 
 class BalancingTest(parameterized.TestCase):
