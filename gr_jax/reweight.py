@@ -83,7 +83,9 @@ def _classifier_leaves(classifier: ClassifierSelector, tree: Any):
     raise ValueError(
         "gradient_reweighting found no classifier weight leaf (a selected leaf with ndim >= 2, "
         "class axis last). Pass `classifier=` a mask or a function of the params that selects the "
-        "classifier's kernel and bias, e.g. `{'backbone': False, 'classifier': True}`.")
+        "classifier's kernel and bias, e.g. `{'backbone': False, 'classifier': True}`. Under "
+        "optax.inject_hyperparams a classifier function is taken for a schedule unless named "
+        "static: optax.inject_hyperparams(gradient_reweighting, static_args=('classifier',)).")
   sizes = {jnp.shape(leaves[i])[-1] for i in index}
   if len(sizes) != 1:
     raise ValueError(
@@ -164,6 +166,10 @@ def gradient_reweighting(
 
   Gradients may be bf16: norms and factors are computed in float32 and the outputs keep the input
   dtype. With data parallelism, pass the gradient of the *global* batch (reduce before this).
+
+  ``optax.inject_hyperparams`` takes every callable argument for a schedule, so a ``classifier``
+  function must be named static: ``optax.inject_hyperparams(gradient_reweighting,
+  static_args=("classifier",))(classifier=fn)``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is :class:`GradientReweightingState`.

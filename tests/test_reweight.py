@@ -330,6 +330,26 @@ class SelectorTest(chex.TestCase, parameterized.TestCase):
       too_deep.init(params)
 
 
+class CompositionTest(chex.TestCase):
+
+  def test_inject_hyperparams_with_static_classifier_matches_plain(self):
+    params, grads, kd = flax_params_and_grads()
+    select = lambda p: {"params": {"backbone": False, "head": True}}
+    plain = two_dgr_steps(gr_jax.gradient_reweighting(select), params, grads, kd)
+    injected_tx = optax.inject_hyperparams(gr_jax.gradient_reweighting,
+                                           static_args=("classifier",))(classifier=select)
+    out, state = two_dgr_steps(injected_tx, params, grads, kd)
+    chex.assert_trees_all_equal(out, plain[0])
+    chex.assert_trees_all_equal(state.inner_state, plain[1])
+
+  def test_inject_hyperparams_without_static_args_names_the_fix(self):
+    params, _, _ = flax_params_and_grads()
+    # optax calls the function with the step count as if it were a schedule.
+    select = lambda p: jax.tree.map(lambda x: x.ndim == 2, p)
+    with self.assertRaisesRegex(ValueError, r"static_args=\('classifier',\)"):
+      optax.inject_hyperparams(gr_jax.gradient_reweighting)(classifier=select).init(params)
+
+
 class BalancingTest(parameterized.TestCase):
 
   @parameterized.parameters(0, 1)
