@@ -15,6 +15,7 @@ from typing import Any, Callable, NamedTuple, Union
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 ClassifierSelector = Union[None, Any, Callable[[optax.Params], Any]]
@@ -117,6 +118,22 @@ def _group_mean(x: jax.Array, group: jax.Array) -> jax.Array:
   return jnp.sum(jnp.where(group, x, 0.0)) / jnp.maximum(jnp.sum(group), 1)
 
 
+def _check_new_classes(new_classes, old_classes, num_classes: int) -> None:
+  """Refuses concrete masks with no new class; traced ones (under jit) cannot be read."""
+  masks = (new_classes, old_classes)
+  if all(m is None for m in masks) or any(isinstance(m, jax.core.Tracer) for m in masks):
+    return
+  old = np.zeros(num_classes, bool) if old_classes is None else np.asarray(old_classes, bool)
+  new = ~old if new_classes is None else np.asarray(new_classes, bool) & ~old
+  if not new.any():
+    raise ValueError(
+        "the class masks select no new class (new_classes & ~old_classes is all False): DGR's "
+        "q = mean_new Φ / mean_old Φ (docs/method.md §4) is then undefined and every classifier "
+        "update would be zero. Every phase t ≥ 1 brings new classes: pass the phase's new-class "
+        "mask (gr_jax.phase_constants(...).new_classes), not a batch's. To reweight classes "
+        "without new ones, pass them as new_classes and no old_classes (intra-phase GR).")
+
+
 def gradient_reweighting(
     classifier: ClassifierSelector = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -157,7 +174,11 @@ def gradient_reweighting(
   old_classes=None, kd_updates=None, gamma=1.0)`` takes as extra arguments:
 
     * ``new_classes``, ``old_classes``: bool ``[C]`` masks. Without them every class is new (plain
-      intra-phase GR); with ``old_classes`` the update is DGR.
+      intra-phase GR); with ``old_classes`` the update is DGR. The new classes are
+      ``new_classes & ~old_classes`` and must not be empty: §4 divides by the new group's mean Φ,
+      and every phase t ≥ 1 has new classes. Concrete masks without one are a ValueError; traced
+      masks (under jit) cannot be checked and then give a zero classifier update (q = 0, so
+      s = β = 0) while Φ still accumulates.
     * ``kd_updates``: the KD gradient, a pytree shaped like ``updates`` (only its classifier leaves
       are read); it requires ``old_classes`` (a ValueError otherwise, as do masks not shaped
       ``[C]``). For classifier leaves ``updates`` must then hold the CE gradient alone; for every
@@ -195,6 +216,7 @@ def gradient_reweighting(
     if kd_updates is not None and old_classes is None:
       raise ValueError("kd_updates needs old_classes: the KD gradient is added to the old classes' "
                        "rows only (DGR); pass the phase's old-class mask (gr_jax.phase_constants)")
+    _check_new_classes(new_classes, old_classes, num_classes)
 
     no_old = jnp.zeros((num_classes,), bool)
     old = no_old if old_classes is None else jnp.asarray(old_classes, bool)

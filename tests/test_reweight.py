@@ -57,6 +57,17 @@ def select_classifier(tree):
           "classifier": jax.tree.map(lambda _: True, tree["classifier"])}
 
 
+def dgr_inputs(seed, num_classes, scale=None):
+  """Params, CE gradients and KD gradients (zero for the backbone) with random classifier rows."""
+  w, b = random_grads(seed, num_classes=num_classes, scale=scale)
+  wk, bk = random_grads(seed + 1, num_classes=num_classes)
+  grads = {"backbone": {"kernel": jnp.ones((3, 4)), "bias": jnp.ones((4,))},
+           "classifier": {"kernel": w, "bias": b}}
+  kd = {"backbone": jax.tree.map(jnp.zeros_like, grads["backbone"]),
+        "classifier": {"kernel": wk, "bias": bk}}
+  return params_like(w, b), grads, kd
+
+
 class ReweightTest(chex.TestCase, parameterized.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
@@ -208,13 +219,7 @@ class ReweightTest(chex.TestCase, parameterized.TestCase):
     np.testing.assert_allclose(results[0]["backbone"]["kernel"], -0.1 * (g + 0.9 * g), rtol=1e-6)
 
   def test_dgr_kd_updates_through_masked(self):
-    w, b = random_grads(9, num_classes=6)
-    wk, bk = random_grads(10, num_classes=6)
-    params = params_like(w, b)
-    grads = {"backbone": {"kernel": jnp.ones((3, 4)), "bias": jnp.ones((4,))},
-             "classifier": {"kernel": w, "bias": b}}
-    kd = {"backbone": jax.tree.map(jnp.zeros_like, grads["backbone"]),
-          "classifier": {"kernel": wk, "bias": bk}}
+    params, grads, kd = dgr_inputs(9, num_classes=6)
     old = np.array([1, 1, 0, 0, 0, 0], bool)
     direct = gr_jax.gradient_reweighting(select_classifier)
     masked = optax.masked(gr_jax.gradient_reweighting(), select_classifier(params),
@@ -269,6 +274,44 @@ def two_dgr_steps(tx, params, grads, kd, update=None):
   for _ in range(2):
     out, state = update(grads, state, params, old_classes=old, kd_updates=kd, gamma=0.5)
   return out, state
+
+
+class NoNewClassTest(chex.TestCase, parameterized.TestCase):
+  """Old classes but no new one: §4's q divides by the new group's mean Φ, which is undefined."""
+
+  @parameterized.named_parameters(
+      ("new_all_false", [1, 1, 0, 0, 0], [0, 0, 0, 0, 0]),
+      ("new_equals_old", [1, 1, 0, 0, 0], [1, 1, 0, 0, 0]),
+      ("all_old", [1, 1, 1, 1, 1], None),
+      ("no_class_at_all", None, [0, 0, 0, 0, 0]),
+  )
+  def test_concrete_masks_without_new_class_raise(self, old, new):
+    w, b = random_grads(13, num_classes=5)
+    grads = {"kernel": w, "bias": b}
+    tx = gr_jax.gradient_reweighting()
+    masks = {name: None if m is None else np.array(m, bool)
+             for name, m in (("old_classes", old), ("new_classes", new))}
+    with self.assertRaisesRegex(ValueError, "select no new class"):
+      tx.update(grads, tx.init(grads), **masks)
+    # Masks closed over by a jitted function are concrete at trace time and are checked too.
+    with self.assertRaisesRegex(ValueError, "select no new class"):
+      jax.jit(functools.partial(tx.update, **{k: jnp.asarray(m) for k, m in masks.items()
+                                              if m is not None}))(grads, tx.init(grads))
+
+  def test_traced_masks_without_new_class_zero_the_classifier_update(self):
+    """The documented behaviour under jit, where the masks cannot be read."""
+    params, grads, kd = dgr_inputs(14, num_classes=5, scale=np.linspace(0.5, 2, 5))
+    tx = gr_jax.gradient_reweighting(select_classifier)
+    old = jnp.array([1, 1, 0, 0, 0], bool)
+    out, state = jax.jit(tx.update)(grads, tx.init(params), old_classes=old,
+                                    new_classes=jnp.zeros(5, bool), kd_updates=kd)
+    zeros = jax.tree.map(jnp.zeros_like, params["classifier"])
+    chex.assert_trees_all_equal(out["classifier"], zeros)
+    chex.assert_trees_all_equal(out["backbone"], grads["backbone"])
+    np.testing.assert_array_equal(state.class_scale, 0.0)
+    self.assertEqual(float(state.kd_scale), 0.0)
+    g = np.linalg.norm(grads["classifier"]["kernel"], axis=0)
+    np.testing.assert_allclose(state.cumulative_norms, np.where(old, g, 0.0), rtol=1e-6)
 
 
 class SelectorTest(chex.TestCase, parameterized.TestCase):
