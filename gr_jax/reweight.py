@@ -134,6 +134,23 @@ def _check_new_classes(new_classes, old_classes, num_classes: int) -> None:
         "without new ones, pass them as new_classes and no old_classes (intra-phase GR).")
 
 
+def _kd_leaves(kd_updates: Any, updates: Any, treedef: Any) -> list[Any]:
+  """kd_updates flattened like updates, with the usual misuse named instead of a structure dump."""
+  try:
+    return treedef.flatten_up_to(kd_updates)
+  except (ValueError, TypeError) as e:
+    is_masked_node = lambda x: isinstance(x, optax.MaskedNode)
+    if any(map(is_masked_node, jax.tree.leaves(updates, is_leaf=is_masked_node))):
+      raise ValueError(
+          "kd_updates does not have the structure of updates, which hold optax.MaskedNode: this "
+          "transform runs inside optax.masked, which masks extra arguments only when asked to. "
+          "Build it as optax.masked(gradient_reweighting(), mask, mask_compatible_extra_args=True)."
+      ) from e
+    raise ValueError(
+        "kd_updates must have the structure of updates (the same params tree and containers): "
+        f"{e}") from e
+
+
 def gradient_reweighting(
     classifier: ClassifierSelector = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -182,7 +199,9 @@ def gradient_reweighting(
     * ``kd_updates``: the KD gradient, a pytree shaped like ``updates`` (only its classifier leaves
       are read); it requires ``old_classes`` (a ValueError otherwise, as do masks not shaped
       ``[C]``). For classifier leaves ``updates`` must then hold the CE gradient alone; for every
-      other leaf ``updates`` holds the gradient of the total loss, which passes through.
+      other leaf ``updates`` holds the gradient of the total loss, which passes through. Inside
+      ``optax.masked`` pass ``mask_compatible_extra_args=True``, so that optax masks
+      ``kd_updates`` as it masks ``updates`` (without it, a ValueError naming the flag).
     * ``gamma``: γ = exp(−N_seen / (N_seen + N_new)) of the phase.
 
   Gradients may be bf16: norms and factors are computed in float32 and the outputs keep the input
@@ -237,7 +256,7 @@ def gradient_reweighting(
       beta = jnp.zeros((), jnp.float32)
       kd_leaves = None
     else:
-      kd_leaves = treedef.flatten_up_to(kd_updates)
+      kd_leaves = _kd_leaves(kd_updates, updates, treedef)
       h = _row_norms([kd_leaves[i] for i in index if kd_leaves[i].ndim >= 2])
       kd_norm = jnp.sqrt(jnp.sum(jnp.where(old, h * h, 0.0)))
       ce_norm = jnp.sqrt(jnp.sum(jnp.square(scale * g)))

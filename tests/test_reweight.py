@@ -392,6 +392,20 @@ class CompositionTest(chex.TestCase):
     with self.assertRaisesRegex(ValueError, r"static_args=\('classifier',\)"):
       optax.inject_hyperparams(gr_jax.gradient_reweighting)(classifier=select).init(params)
 
+  def test_masked_without_compatible_extra_args_names_the_flag(self):
+    params, grads, kd = flax_params_and_grads()
+    old = np.array([1, 1, 1, 0, 0, 0], bool)
+    tx = optax.masked(gr_jax.gradient_reweighting(), {"params": {"backbone": False, "head": True}})
+    with self.assertRaisesRegex(ValueError, "mask_compatible_extra_args=True"):
+      tx.update(grads, tx.init(params), old_classes=old, kd_updates=kd)
+
+  def test_kd_updates_of_another_structure_is_a_clear_error(self):
+    params, grads, kd = flax_params_and_grads()
+    old = np.array([1, 1, 1, 0, 0, 0], bool)
+    tx = gr_jax.gradient_reweighting({"params": {"backbone": False, "head": True}})
+    with self.assertRaisesRegex(ValueError, "kd_updates must have the structure of updates"):
+      tx.update(grads, tx.init(params), old_classes=old, kd_updates=kd["params"])
+
 
 class BalancingTest(parameterized.TestCase):
 
