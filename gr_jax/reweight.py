@@ -15,6 +15,7 @@ from typing import Any, Callable, NamedTuple, Union
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 ClassifierSelector = Union[None, Any, Callable[[optax.Params], Any]]
@@ -35,24 +36,57 @@ class GradientReweightingState(NamedTuple):
   kd_scale: jax.Array
 
 
-def _selection_mask(classifier: ClassifierSelector, tree: Any) -> Any:
-  if classifier is None:
-    return jax.tree.map(lambda _: True, tree)
-  if callable(classifier):
-    return classifier(tree)
-  return classifier
+def _mask_value(mask: Any, path: tuple[Any, ...]) -> bool:
+  """The mask's bool for the params leaf at ``path``, following the path only as deep as the mask.
+
+  Walking by key path (not by tree structure) is what lets the mask be a prefix of the params, as in
+  ``optax.masked``, and a plain dict match a flax ``FrozenDict`` (both flatten to ``DictKey``s).
+  """
+  node = mask
+  for depth, key in enumerate(path):
+    if jax.tree_util.treedef_is_leaf(jax.tree.structure(node)):
+      break
+    try:
+      if isinstance(key, jax.tree_util.DictKey):
+        node = node[key.key]
+      elif isinstance(key, jax.tree_util.SequenceKey):
+        node = node[key.idx]
+      elif isinstance(key, jax.tree_util.GetAttrKey):
+        node = getattr(node, key.name)
+      else:
+        node = jax.tree.flatten(node, is_leaf=lambda x, n=node: x is not n)[0][key.key]
+    except (KeyError, IndexError, AttributeError, TypeError) as e:
+      raise ValueError(
+          "the classifier mask must be the params' structure or a prefix of it (as for "
+          f"optax.masked); it has no entry for params{jax.tree_util.keystr(path[:depth + 1])}"
+      ) from e
+  if not jax.tree_util.treedef_is_leaf(jax.tree.structure(node)):
+    raise ValueError("the classifier mask goes deeper than the params at "
+                     f"params{jax.tree_util.keystr(path)}; give one bool per leaf or subtree")
+  try:
+    return bool(node)
+  except jax.errors.ConcretizationTypeError as e:
+    raise ValueError("the classifier mask must hold Python bools (it is static structure, as for "
+                     f"optax.masked); got a traced value at params{jax.tree_util.keystr(path)}"
+                     ) from e
 
 
 def _classifier_leaves(classifier: ClassifierSelector, tree: Any):
   """Returns (leaves, treedef, indices of the selected leaves), validating their shapes."""
-  leaves, treedef = jax.tree.flatten(tree)
-  selected = treedef.flatten_up_to(_selection_mask(classifier, tree))
-  index = [i for i, keep in enumerate(selected) if bool(keep)]
+  with_paths, treedef = jax.tree_util.tree_flatten_with_path(tree)
+  leaves = [leaf for _, leaf in with_paths]
+  if classifier is None:
+    index = list(range(len(leaves)))
+  else:
+    mask = classifier(tree) if callable(classifier) else classifier
+    index = [i for i, (path, _) in enumerate(with_paths) if _mask_value(mask, path)]
   if not any(jnp.ndim(leaves[i]) >= 2 for i in index):
     raise ValueError(
         "gradient_reweighting found no classifier weight leaf (a selected leaf with ndim >= 2, "
         "class axis last). Pass `classifier=` a mask or a function of the params that selects the "
-        "classifier's kernel and bias, e.g. `lambda p: {'backbone': ..., 'classifier': True}`.")
+        "classifier's kernel and bias, e.g. `{'backbone': False, 'classifier': True}`. Under "
+        "optax.inject_hyperparams a classifier function is taken for a schedule unless named "
+        "static: optax.inject_hyperparams(gradient_reweighting, static_args=('classifier',)).")
   sizes = {jnp.shape(leaves[i])[-1] for i in index}
   if len(sizes) != 1:
     raise ValueError(
@@ -84,6 +118,39 @@ def _group_mean(x: jax.Array, group: jax.Array) -> jax.Array:
   return jnp.sum(jnp.where(group, x, 0.0)) / jnp.maximum(jnp.sum(group), 1)
 
 
+def _check_new_classes(new_classes, old_classes, num_classes: int) -> None:
+  """Refuses concrete masks with no new class; traced ones (under jit) cannot be read."""
+  masks = (new_classes, old_classes)
+  if all(m is None for m in masks) or any(isinstance(m, jax.core.Tracer) for m in masks):
+    return
+  old = np.zeros(num_classes, bool) if old_classes is None else np.asarray(old_classes, bool)
+  new = ~old if new_classes is None else np.asarray(new_classes, bool) & ~old
+  if not new.any():
+    raise ValueError(
+        "the class masks select no new class (new_classes & ~old_classes is all False): DGR's "
+        "q = mean_new Φ / mean_old Φ (docs/method.md §4) is then undefined and every classifier "
+        "update would be zero. Every phase t ≥ 1 brings new classes: pass the phase's new-class "
+        "mask (gr_jax.phase_constants(...).new_classes), not a batch's. To reweight classes "
+        "without new ones, pass them as new_classes and no old_classes (intra-phase GR).")
+
+
+def _kd_leaves(kd_updates: Any, updates: Any, treedef: Any) -> list[Any]:
+  """kd_updates flattened like updates, with the usual misuse named instead of a structure dump."""
+  try:
+    return treedef.flatten_up_to(kd_updates)
+  except (ValueError, TypeError) as e:
+    is_masked_node = lambda x: isinstance(x, optax.MaskedNode)
+    if any(map(is_masked_node, jax.tree.leaves(updates, is_leaf=is_masked_node))):
+      raise ValueError(
+          "kd_updates does not have the structure of updates, which hold optax.MaskedNode: this "
+          "transform runs inside optax.masked, which masks extra arguments only when asked to. "
+          "Build it as optax.masked(gradient_reweighting(), mask, mask_compatible_extra_args=True)."
+      ) from e
+    raise ValueError(
+        "kd_updates must have the structure of updates (the same params tree and containers): "
+        f"{e}") from e
+
+
 def gradient_reweighting(
     classifier: ClassifierSelector = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -111,29 +178,42 @@ def gradient_reweighting(
   left out of its group's minimum and keeps α = 1, which leaves its zero gradient zero.
 
   Args:
-    classifier: which leaves are the classifier: ``None`` (every leaf; use inside ``optax.masked``),
-      a pytree of bools shaped like the params, or a function of the params returning one. Selected
-      leaves carry the class axis last; those with ``ndim >= 2`` are weights (their rows give
-      ``g_c``), 1-d ones are biases (scaled only). All other leaves pass through untouched.
+    classifier: which leaves are the classifier, given as ``optax.masked`` takes its mask: ``None``
+      (every leaf; use inside ``optax.masked``), a pytree of Python bools with the params'
+      structure or a prefix of it (a bool stands for a whole subtree, e.g.
+      ``{'params': {'backbone': False, 'head': True}}``), or a function of the params returning
+      one. Masks are matched to the params by key, so a dict mask fits ``FrozenDict`` params. The
+      mask is static structure, read at trace time. Selected leaves carry the class axis last;
+      those with ``ndim >= 2`` are weights (their rows give ``g_c``), 1-d ones are biases (scaled
+      only). All other leaves pass through untouched.
 
   The returned transform's ``update(updates, state, params=None, *, new_classes=None,
   old_classes=None, kd_updates=None, gamma=1.0)`` takes as extra arguments:
 
     * ``new_classes``, ``old_classes``: bool ``[C]`` masks. Without them every class is new (plain
-      intra-phase GR); with ``old_classes`` the update is DGR.
+      intra-phase GR); with ``old_classes`` the update is DGR. The new classes are
+      ``new_classes & ~old_classes`` and must not be empty: §4 divides by the new group's mean Φ,
+      and every phase t ≥ 1 has new classes. Concrete masks without one are a ValueError; traced
+      masks (under jit) cannot be checked and then give a zero classifier update (q = 0, so
+      s = β = 0) while Φ still accumulates.
     * ``kd_updates``: the KD gradient, a pytree shaped like ``updates`` (only its classifier leaves
       are read); it requires ``old_classes`` (a ValueError otherwise, as do masks not shaped
       ``[C]``). For classifier leaves ``updates`` must then hold the CE gradient alone; for every
-      other leaf ``updates`` holds the gradient of the total loss, which passes through.
+      other leaf ``updates`` holds the gradient of the total loss, which passes through. Inside
+      ``optax.masked`` pass ``mask_compatible_extra_args=True``, so that optax masks
+      ``kd_updates`` as it masks ``updates`` (without it, a ValueError naming the flag).
     * ``gamma``: γ = exp(−N_seen / (N_seen + N_new)) of the phase.
 
   Gradients may be bf16: norms and factors are computed in float32 and the outputs keep the input
   dtype. With data parallelism, pass the gradient of the *global* batch (reduce before this).
 
+  ``optax.inject_hyperparams`` takes every callable argument for a schedule, so a ``classifier``
+  function must be named static: ``optax.inject_hyperparams(gradient_reweighting,
+  static_args=("classifier",))(classifier=fn)``.
+
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is :class:`GradientReweightingState`.
   """
-
   def init_fn(params):
     leaves, _, index = _classifier_leaves(classifier, params)
     num_classes = jnp.shape(leaves[index[0]])[-1]
@@ -155,6 +235,7 @@ def gradient_reweighting(
     if kd_updates is not None and old_classes is None:
       raise ValueError("kd_updates needs old_classes: the KD gradient is added to the old classes' "
                        "rows only (DGR); pass the phase's old-class mask (gr_jax.phase_constants)")
+    _check_new_classes(new_classes, old_classes, num_classes)
 
     no_old = jnp.zeros((num_classes,), bool)
     old = no_old if old_classes is None else jnp.asarray(old_classes, bool)
@@ -175,7 +256,7 @@ def gradient_reweighting(
       beta = jnp.zeros((), jnp.float32)
       kd_leaves = None
     else:
-      kd_leaves = treedef.flatten_up_to(kd_updates)
+      kd_leaves = _kd_leaves(kd_updates, updates, treedef)
       h = _row_norms([kd_leaves[i] for i in index if kd_leaves[i].ndim >= 2])
       kd_norm = jnp.sqrt(jnp.sum(jnp.where(old, h * h, 0.0)))
       ce_norm = jnp.sqrt(jnp.sum(jnp.square(scale * g)))

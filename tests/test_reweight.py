@@ -5,6 +5,7 @@ import functools
 from absl.testing import absltest
 from absl.testing import parameterized
 import chex
+from flax.core import FrozenDict
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -54,6 +55,17 @@ def params_like(w, b):
 def select_classifier(tree):
   return {"backbone": jax.tree.map(lambda _: False, tree["backbone"]),
           "classifier": jax.tree.map(lambda _: True, tree["classifier"])}
+
+
+def dgr_inputs(seed, num_classes, scale=None):
+  """Params, CE gradients and KD gradients (zero for the backbone) with random classifier rows."""
+  w, b = random_grads(seed, num_classes=num_classes, scale=scale)
+  wk, bk = random_grads(seed + 1, num_classes=num_classes)
+  grads = {"backbone": {"kernel": jnp.ones((3, 4)), "bias": jnp.ones((4,))},
+           "classifier": {"kernel": w, "bias": b}}
+  kd = {"backbone": jax.tree.map(jnp.zeros_like, grads["backbone"]),
+        "classifier": {"kernel": wk, "bias": bk}}
+  return params_like(w, b), grads, kd
 
 
 class ReweightTest(chex.TestCase, parameterized.TestCase):
@@ -207,13 +219,7 @@ class ReweightTest(chex.TestCase, parameterized.TestCase):
     np.testing.assert_allclose(results[0]["backbone"]["kernel"], -0.1 * (g + 0.9 * g), rtol=1e-6)
 
   def test_dgr_kd_updates_through_masked(self):
-    w, b = random_grads(9, num_classes=6)
-    wk, bk = random_grads(10, num_classes=6)
-    params = params_like(w, b)
-    grads = {"backbone": {"kernel": jnp.ones((3, 4)), "bias": jnp.ones((4,))},
-             "classifier": {"kernel": w, "bias": b}}
-    kd = {"backbone": jax.tree.map(jnp.zeros_like, grads["backbone"]),
-          "classifier": {"kernel": wk, "bias": bk}}
+    params, grads, kd = dgr_inputs(9, num_classes=6)
     old = np.array([1, 1, 0, 0, 0, 0], bool)
     direct = gr_jax.gradient_reweighting(select_classifier)
     masked = optax.masked(gr_jax.gradient_reweighting(), select_classifier(params),
@@ -240,6 +246,165 @@ class ReweightTest(chex.TestCase, parameterized.TestCase):
       tx.update(grads, state, new_classes=np.array([True]))
     with self.assertRaisesRegex(ValueError, "kd_updates needs old_classes"):
       tx.update(grads, state, kd_updates=grads)
+
+
+def flax_params_and_grads(seed=12, num_classes=6):
+  """Params shaped like a Flax model's variables ({'params': {...}}), their CE and KD gradients."""
+  w, b = random_grads(seed, num_classes=num_classes, scale=np.linspace(0.3, 3, num_classes))
+  wk, bk = random_grads(seed + 1, num_classes=num_classes)
+  backbone = {"conv": {"kernel": jnp.ones((3, 4))}, "bn": {"scale": jnp.ones((4,))}}
+  params = {"params": {"backbone": backbone,
+                       "head": {"kernel": jnp.zeros_like(w), "bias": jnp.zeros_like(b)}}}
+  grads = {"params": {"backbone": jax.tree.map(lambda x: 0.5 * x, backbone),
+                      "head": {"kernel": w, "bias": b}}}
+  kd = {"params": {"backbone": jax.tree.map(jnp.zeros_like, backbone),
+                   "head": {"kernel": wk, "bias": bk}}}
+  return params, grads, kd
+
+
+FULL_HEAD_MASK = {"params": {"backbone": {"conv": {"kernel": False}, "bn": {"scale": False}},
+                             "head": {"kernel": True, "bias": True}}}
+
+
+def two_dgr_steps(tx, params, grads, kd, update=None):
+  """Two jitted DGR steps; returns the second step's updates and state."""
+  update = jax.jit(tx.update) if update is None else update
+  old = np.array([1, 1, 1, 0, 0, 0], bool)
+  state = tx.init(params)
+  for _ in range(2):
+    out, state = update(grads, state, params, old_classes=old, kd_updates=kd, gamma=0.5)
+  return out, state
+
+
+class NoNewClassTest(chex.TestCase, parameterized.TestCase):
+  """Old classes but no new one: §4's q divides by the new group's mean Φ, which is undefined."""
+
+  @parameterized.named_parameters(
+      ("new_all_false", [1, 1, 0, 0, 0], [0, 0, 0, 0, 0]),
+      ("new_equals_old", [1, 1, 0, 0, 0], [1, 1, 0, 0, 0]),
+      ("all_old", [1, 1, 1, 1, 1], None),
+      ("no_class_at_all", None, [0, 0, 0, 0, 0]),
+  )
+  def test_concrete_masks_without_new_class_raise(self, old, new):
+    w, b = random_grads(13, num_classes=5)
+    grads = {"kernel": w, "bias": b}
+    tx = gr_jax.gradient_reweighting()
+    masks = {name: None if m is None else np.array(m, bool)
+             for name, m in (("old_classes", old), ("new_classes", new))}
+    with self.assertRaisesRegex(ValueError, "select no new class"):
+      tx.update(grads, tx.init(grads), **masks)
+    # Masks closed over by a jitted function are concrete at trace time and are checked too.
+    with self.assertRaisesRegex(ValueError, "select no new class"):
+      jax.jit(functools.partial(tx.update, **{k: jnp.asarray(m) for k, m in masks.items()
+                                              if m is not None}))(grads, tx.init(grads))
+
+  def test_traced_masks_without_new_class_zero_the_classifier_update(self):
+    """The documented behaviour under jit, where the masks cannot be read."""
+    params, grads, kd = dgr_inputs(14, num_classes=5, scale=np.linspace(0.5, 2, 5))
+    tx = gr_jax.gradient_reweighting(select_classifier)
+    old = jnp.array([1, 1, 0, 0, 0], bool)
+    out, state = jax.jit(tx.update)(grads, tx.init(params), old_classes=old,
+                                    new_classes=jnp.zeros(5, bool), kd_updates=kd)
+    zeros = jax.tree.map(jnp.zeros_like, params["classifier"])
+    chex.assert_trees_all_equal(out["classifier"], zeros)
+    chex.assert_trees_all_equal(out["backbone"], grads["backbone"])
+    np.testing.assert_array_equal(state.class_scale, 0.0)
+    self.assertEqual(float(state.kd_scale), 0.0)
+    g = np.linalg.norm(grads["classifier"]["kernel"], axis=0)
+    np.testing.assert_allclose(state.cumulative_norms, np.where(old, g, 0.0), rtol=1e-6)
+
+
+class SelectorTest(chex.TestCase, parameterized.TestCase):
+  """``classifier=`` takes what optax.masked takes as a mask, whatever the dict container type."""
+
+  @parameterized.named_parameters(
+      ("subtree_bool", {"params": {"backbone": False, "head": True}}),
+      ("mixed_depths", {"params": {"backbone": {"conv": False, "bn": {"scale": False}},
+                                   "head": True}}),
+      ("callable_prefix", lambda p: {"params": {"backbone": False, "head": True}}),
+      ("callable_by_name", lambda p: {"params": {k: k == "head" for k in p["params"]}}),
+  )
+  def test_prefix_mask_equals_full_mask(self, mask):
+    params, grads, kd = flax_params_and_grads()
+    expected = two_dgr_steps(gr_jax.gradient_reweighting(FULL_HEAD_MASK), params, grads, kd)
+    got = two_dgr_steps(gr_jax.gradient_reweighting(mask), params, grads, kd)
+    chex.assert_trees_all_equal(got, expected)
+    # The head was reweighted (not passed through) and the backbone passed through.
+    head_out, head_in = got[0]["params"]["head"], grads["params"]["head"]
+    self.assertFalse(np.allclose(head_out["kernel"], head_in["kernel"]))
+    chex.assert_trees_all_equal(got[0]["params"]["backbone"], grads["params"]["backbone"])
+
+  def test_prefix_mask_agrees_with_optax_masked(self):
+    params, grads, kd = flax_params_and_grads()
+    prefix = {"params": {"backbone": False, "head": True}}
+    masked = optax.masked(gr_jax.gradient_reweighting(), prefix, mask_compatible_extra_args=True)
+    chex.assert_trees_all_close(
+        two_dgr_steps(masked, params, grads, kd)[0],
+        two_dgr_steps(gr_jax.gradient_reweighting(prefix), params, grads, kd)[0], rtol=1e-6)
+
+  @parameterized.named_parameters(
+      ("dict_full_mask", FULL_HEAD_MASK),
+      ("dict_prefix_mask", {"params": {"backbone": False, "head": True}}),
+      ("frozen_prefix_mask", FrozenDict({"params": {"backbone": False, "head": True}})),
+      ("callable_on_frozen", lambda p: {"params": {"backbone": False, "head": True}}),
+  )
+  def test_frozen_dict_params_take_dict_masks(self, mask):
+    params, grads, kd = flax_params_and_grads()
+    expected = two_dgr_steps(gr_jax.gradient_reweighting(FULL_HEAD_MASK), params, grads, kd)
+    got = two_dgr_steps(gr_jax.gradient_reweighting(mask), FrozenDict(params), FrozenDict(grads),
+                        FrozenDict(kd))
+    self.assertIsInstance(got[0], FrozenDict)  # the container type of the updates is kept
+    chex.assert_trees_all_equal(jax.tree.leaves(got), jax.tree.leaves(expected))
+
+  def test_frozen_mask_over_dict_params(self):
+    params, grads, kd = flax_params_and_grads()
+    expected = two_dgr_steps(gr_jax.gradient_reweighting(FULL_HEAD_MASK), params, grads, kd)
+    got = two_dgr_steps(gr_jax.gradient_reweighting(FrozenDict(FULL_HEAD_MASK)), params, grads, kd)
+    chex.assert_trees_all_equal(got, expected)
+
+  def test_mask_not_matching_params_is_a_clear_error(self):
+    params, _, _ = flax_params_and_grads()
+    missing = gr_jax.gradient_reweighting({"params": {"backbone": False, "heads": True}})
+    with self.assertRaisesRegex(ValueError, r"no entry for params\['params'\]\['head'\]"):
+      missing.init(params)
+    too_deep = gr_jax.gradient_reweighting(
+        {"params": {"backbone": False, "head": {"kernel": {"w": True}, "bias": True}}})
+    with self.assertRaisesRegex(ValueError, r"deeper than the params at params\['params'\]"):
+      too_deep.init(params)
+
+
+class CompositionTest(chex.TestCase):
+
+  def test_inject_hyperparams_with_static_classifier_matches_plain(self):
+    params, grads, kd = flax_params_and_grads()
+    select = lambda p: {"params": {"backbone": False, "head": True}}
+    plain = two_dgr_steps(gr_jax.gradient_reweighting(select), params, grads, kd)
+    injected_tx = optax.inject_hyperparams(gr_jax.gradient_reweighting,
+                                           static_args=("classifier",))(classifier=select)
+    out, state = two_dgr_steps(injected_tx, params, grads, kd)
+    chex.assert_trees_all_equal(out, plain[0])
+    chex.assert_trees_all_equal(state.inner_state, plain[1])
+
+  def test_inject_hyperparams_without_static_args_names_the_fix(self):
+    params, _, _ = flax_params_and_grads()
+    # optax calls the function with the step count as if it were a schedule.
+    select = lambda p: jax.tree.map(lambda x: x.ndim == 2, p)
+    with self.assertRaisesRegex(ValueError, r"static_args=\('classifier',\)"):
+      optax.inject_hyperparams(gr_jax.gradient_reweighting)(classifier=select).init(params)
+
+  def test_masked_without_compatible_extra_args_names_the_flag(self):
+    params, grads, kd = flax_params_and_grads()
+    old = np.array([1, 1, 1, 0, 0, 0], bool)
+    tx = optax.masked(gr_jax.gradient_reweighting(), {"params": {"backbone": False, "head": True}})
+    with self.assertRaisesRegex(ValueError, "mask_compatible_extra_args=True"):
+      tx.update(grads, tx.init(params), old_classes=old, kd_updates=kd)
+
+  def test_kd_updates_of_another_structure_is_a_clear_error(self):
+    params, grads, kd = flax_params_and_grads()
+    old = np.array([1, 1, 1, 0, 0, 0], bool)
+    tx = gr_jax.gradient_reweighting({"params": {"backbone": False, "head": True}})
+    with self.assertRaisesRegex(ValueError, "kd_updates must have the structure of updates"):
+      tx.update(grads, tx.init(params), old_classes=old, kd_updates=kd["params"])
 
 
 class BalancingTest(parameterized.TestCase):
