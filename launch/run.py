@@ -7,6 +7,7 @@ events and accuracy.png. Rerunning with the same workdir resumes from the latest
 
 import logging as py_logging
 import os
+import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -15,6 +16,7 @@ from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 from absl import logging
 import jax
+import ml_collections
 from ml_collections import config_flags
 import tqdm
 
@@ -24,6 +26,63 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config>).")
 flags.mark_flags_as_required(["config"])
+
+
+def _override_paths(argv: list[str]) -> list[str]:
+  """The entries that ``--config.<entry>=...`` arguments override, as ml_collections finds them."""
+  return [arg.split("=", 1)[0].split(".", 1)[1] for arg in argv
+          if re.match(r"-{1,2}(no)?config\.", arg)]
+
+
+def _unknown_entry(err: Exception, argv: list[str]) -> str | None:
+  """``--config.optim.lr=...: no config entry 'optim.lr'. Did you mean ...?`` for the KeyError /
+  AttributeError ml_collections raises on an unknown override; None when no override names the key
+  (then the error is not about the command line)."""
+  message = err
+  while isinstance(message, BaseException) and message.args:  # AttributeError(KeyError(str))
+    message = message.args[0]
+  key, _, hint = str(message).partition("\n")
+  key = key.strip("'\"")
+  for path in _override_paths(argv):
+    parts = path.split(".")
+    if key in parts:
+      entry = ".".join(parts[:parts.index(key) + 1])
+      return (f"--config.{path}: no config entry {entry!r} (configs/common.py lists them)"
+              + (f". {hint.strip()}" if hint.strip() else ""))
+  return None
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, but a bad flag ends the program with one ``error: ...`` line (two at most)
+  and status 1 instead of ml_collections' chained tracebacks.
+
+  Covers an unknown ``--config.<entry>`` (ml_collections' "Did you mean" hint kept), a ``--config``
+  file that cannot be read or whose ``get_config`` refuses its presets, and absl's own flag errors.
+  It runs before ``main``, so a refused command touches no workdir.
+  """
+  try:
+    rest = flags.FLAGS(argv)
+    if not isinstance(_CONFIG.value, ml_collections.ConfigDict):
+      # ml_collections keeps a file it could not read as a stand-in that raises its OSError on use.
+      _CONFIG.value.get("seed")
+    return rest
+  except flags.Error as err:
+    message = str(err)
+    head, found, trace = message.partition(": Error whilst parsing config file:")
+    if found:  # get_config raised; its traceback is in the message, its last line says why
+      last = trace.strip().splitlines()[-1]
+      message = f"{head}: {re.sub(r'^[A-Za-z_.]*(Error|Exception): ', '', last)}"
+  except SyntaxError as err:
+    message = f"the --config file {err.filename}, line {err.lineno}, is not valid Python: {err.msg}"
+  except OSError as err:
+    last = str(err.__cause__ or err).strip().splitlines()[-1].strip()
+    message = (f"cannot read the --config file: {last}; give a config file and optional presets, "
+               "e.g. --config=configs/cifar100_lt.py:smoke")
+  except (AttributeError, KeyError) as err:
+    message = _unknown_entry(err, argv)
+    if message is None:
+      raise
+  sys.exit(f"error: {message}")
 
 
 class _Progress:
@@ -97,4 +156,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -6,6 +6,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -80,3 +82,42 @@ def test_launch_reports_config_errors(cifar100_npz, tmp_path):
   assert missing.returncode != 0 and "/nonexistent/cifar.npz" in missing.stderr
   budget = _launch(*base, "--config.memory.per_class=0")
   assert budget.returncode != 0 and "positive integer" in budget.stderr
+
+
+def _assert_refused_in_short(done, workdir, *names):
+  """Status != 0, at most two stderr lines starting ``error:``, no traceback, each of ``names`` in
+  it, and no workdir made."""
+  lines = done.stderr.strip().splitlines()
+  assert done.returncode != 0, done.stderr
+  assert 1 <= len(lines) <= 2 and lines[0].startswith("error: "), done.stderr[-3000:]
+  assert "Traceback" not in done.stderr
+  for name in names:
+    assert name in done.stderr, (name, done.stderr)
+  assert not workdir.exists()
+
+
+@pytest.mark.parametrize("override,names", [
+    ("--config.sed=3", ["--config.sed", "'sed'", 'Did you mean "seed" instead of "sed"?']),
+    ("--config.optim.not_a_key=1", ["--config.optim.not_a_key", "'optim.not_a_key'"]),
+    ("--config.optm.learning_rate=1", ["'optm'", 'Did you mean "optim"']),
+])
+def test_launch_refuses_an_unknown_override_in_one_line(tmp_path, override, names):
+  workdir = tmp_path / "run"
+  done = _launch("--config=configs/cifar100_lt.py:smoke", override, f"--workdir={workdir}")
+  _assert_refused_in_short(done, workdir, *names)
+
+
+def test_launch_refuses_a_config_file_it_cannot_load_in_one_line(tmp_path):
+  workdir = tmp_path / "run"
+  missing = tmp_path / "missing.py"
+  for extra in ([], ["--config.seed=1"]):  # ml_collections fails at a different point with overrides
+    done = _launch(f"--config={missing}:smoke", *extra, f"--workdir={workdir}")
+    _assert_refused_in_short(done, workdir, "--config file", str(missing), "No such file")
+  done = _launch(f"--config={tmp_path}", f"--workdir={workdir}")
+  _assert_refused_in_short(done, workdir, str(tmp_path), "Is a directory")
+  broken = tmp_path / "broken.py"
+  broken.write_text("def get_config(arg=None)\n  return None\n")
+  done = _launch(f"--config={broken}", f"--workdir={workdir}")
+  _assert_refused_in_short(done, workdir, str(broken), "line 1", "not valid Python")
+  done = _launch("--config=configs/cifar100_lt.py:smok", f"--workdir={workdir}")
+  _assert_refused_in_short(done, workdir, "unknown config preset 'smok'", "lfs20")
