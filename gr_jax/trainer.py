@@ -174,6 +174,7 @@ def validate_config(config) -> None:
                      f"{steps.SEED_EXECUTIONS}")
   if config.dtype not in ("float32", "bfloat16"):
     raise ValueError(f"config.dtype={config.dtype!r}: use float32 or bfloat16")
+  parallel.check_num_devices(config.num_devices)  # before the data is read
   _require_positive_int(config, "memory.per_class", "the exemplar budget must be a positive "
                         "integer (images kept per old class, 20 in the paper)")
   if config.memory.selection not in ("herding", "random"):

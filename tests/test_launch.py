@@ -121,3 +121,17 @@ def test_launch_refuses_a_config_file_it_cannot_load_in_one_line(tmp_path):
   _assert_refused_in_short(done, workdir, str(broken), "line 1", "not valid Python")
   done = _launch("--config=configs/cifar100_lt.py:smok", f"--workdir={workdir}")
   _assert_refused_in_short(done, workdir, "unknown config preset 'smok'", "lfs20")
+
+
+def test_launch_refuses_more_devices_than_visible_before_reading_data(tmp_path):
+  """On the CPU the error says how to force more host devices; no data is read (the npz path does
+  not exist) and no workdir is made."""
+  workdir = tmp_path / "run"
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  done = subprocess.run(
+      [sys.executable, "launch/run.py", "--config=configs/cifar100_lt.py:smoke",
+       "--config.data.source=npz", "--config.data.path=/nonexistent/cifar.npz",
+       "--config.num_devices=3", f"--workdir={workdir}"],
+      cwd=REPO, env=dict(env, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=300)
+  _assert_refused_in_short(done, workdir, "config.num_devices=3, but 1 cpu device is visible",
+                           "XLA_FLAGS=--xla_force_host_platform_device_count=3")
