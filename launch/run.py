@@ -129,17 +129,42 @@ def _use_compilation_cache(directory: str) -> None:
   jax.config.update("jax_compilation_cache_dir", os.path.expanduser(directory))
 
 
+# Where this program's own log records come from: the library, the launcher and the configs.
+_LAUNCH_DIR = os.path.dirname(os.path.abspath(__file__))
+_OWN_CODE = (os.path.dirname(os.path.abspath(trainer.__file__)) + os.sep, _LAUNCH_DIR + os.sep,
+             os.path.join(os.path.dirname(_LAUNCH_DIR), "configs") + os.sep)
+
+
 def _keep_log_record(record: py_logging.LogRecord) -> bool:
-  """False for orbax's INFO records (about 40 lines per checkpoint save) unless ``--verbosity=1``;
-  its warnings and errors, and every other record, pass."""
-  return (record.levelno >= py_logging.WARNING or logging.get_verbosity() >= logging.DEBUG
-          or f"{os.sep}orbax{os.sep}" not in record.pathname)
+  """What reaches the terminal: warnings and errors always, and gr_jax's own records at the
+  ``--verbosity`` asked for. Other packages' DEBUG records (orbax and tfds log through absl) are cut
+  unless ``--verbosity=2`` (JAX's, when asked for with ``JAX_LOGGING_LEVEL``, print through JAX's
+  own handler), and orbax's INFO (about 40 lines per checkpoint save) shows from ``--verbosity=1``."""
+  verbosity = logging.get_verbosity()
+  if (record.levelno >= py_logging.WARNING or verbosity > logging.DEBUG
+      or record.pathname.startswith(_OWN_CODE)):
+    return True
+  if record.levelno < py_logging.INFO:
+    return False
+  return verbosity >= logging.DEBUG or f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
+def _hold_other_loggers_at_info() -> None:
+  """At ``--verbosity=1`` absl lowers the root logger to DEBUG, and every Python logger that has no
+  level of its own (jax's, matplotlib's, asyncio's: tens of thousands of lines a run) follows it.
+  Keep the root at INFO and only absl's logger, which gr_jax logs through, at DEBUG. JAX's own
+  ``JAX_LOGGING_LEVEL`` / ``JAX_DEBUG_LOG_MODULES`` set its loggers' levels and still apply;
+  ``--verbosity=2`` leaves everything at DEBUG."""
+  if logging.get_verbosity() == logging.DEBUG:
+    logging.get_absl_logger().setLevel(py_logging.DEBUG)
+    py_logging.getLogger().setLevel(py_logging.INFO)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_keep_log_record)
+  _hold_other_loggers_at_info()
   workdir = _WORKDIR.value or _default_workdir()
   _use_compilation_cache(_CONFIG.value.compilation_cache_dir)
   progress = _Progress()

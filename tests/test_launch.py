@@ -47,27 +47,65 @@ print(sorted(os.listdir(os.path.join({str(tmp_path)!r}, "xla"))))
   assert common.base_config().compilation_cache_dir == "~/.cache/gr_jax/xla"
 
 
-def test_launch_keeps_orbax_info_out_of_the_log():
-  """An orbax INFO record is dropped (they are ~40 lines per checkpoint save), its warnings and
-  every gr_jax record pass, and ``--verbosity=1`` lets everything through."""
+def test_launch_keeps_orbax_info_and_other_packages_debug_out_of_the_log():
+  """An orbax INFO record is dropped at the default verbosity (they are ~40 lines per checkpoint
+  save); ``--verbosity=1`` lets it and gr_jax's own DEBUG records through but not the DEBUG records
+  of other packages logging through absl (orbax: ~34,000 lines in a smoke run); ``--verbosity=2``
+  lets everything through. Warnings pass always."""
   from absl import logging  # pylint: disable=g-import-not-at-top
   from launch import run  # pylint: disable=g-import-not-at-top
 
-  def record(path, level):
-    return py_logging.LogRecord("absl", level, path, 1, "msg", None, None)
+  def keep(path, level):
+    return run._keep_log_record(py_logging.LogRecord("absl", level, path, 1, "msg", None, None))
 
-  orbax = os.path.join("site-packages", "orbax", "checkpoint", "checkpoint_manager.py")
-  ours = os.path.join("gr_jax", "trainer.py")
+  site = os.path.join(os.sep, "venv", "lib", "site-packages")
+  orbax = os.path.join(site, "orbax", "checkpoint", "checkpoint_manager.py")
+  tfds = os.path.join(site, "tensorflow_datasets", "core", "dataset_builder.py")
+  ours = [str(REPO / "gr_jax" / "trainer.py"), str(REPO / "launch" / "run.py")]
   before = logging.get_verbosity()
   try:
     logging.set_verbosity(logging.INFO)
-    assert not run._keep_log_record(record(orbax, py_logging.INFO))
-    assert run._keep_log_record(record(orbax, py_logging.WARNING))
-    assert run._keep_log_record(record(ours, py_logging.INFO))
+    assert not keep(orbax, py_logging.INFO)
+    assert keep(orbax, py_logging.WARNING) and keep(tfds, py_logging.INFO)
+    assert all(keep(path, py_logging.INFO) for path in ours)
     logging.set_verbosity(logging.DEBUG)
-    assert run._keep_log_record(record(orbax, py_logging.INFO))
+    assert keep(orbax, py_logging.INFO)
+    assert not keep(orbax, py_logging.DEBUG) and not keep(tfds, py_logging.DEBUG)
+    assert all(keep(path, py_logging.DEBUG) for path in ours)
+    logging.set_verbosity(2)
+    assert keep(orbax, py_logging.DEBUG) and keep(tfds, py_logging.DEBUG)
   finally:
     logging.set_verbosity(before)
+
+
+def test_launch_verbosity_1_holds_jax_loggers_at_info():
+  """At ``--verbosity=1`` absl lowers the root logger to DEBUG; the launcher puts it back at INFO
+  and keeps absl's logger (gr_jax's) at DEBUG, so jax's loggers stay at INFO, except one given a
+  level of its own (what ``JAX_DEBUG_LOG_MODULES`` / ``JAX_LOGGING_LEVEL`` do)."""
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  from launch import run  # pylint: disable=g-import-not-at-top
+
+  root, absl_logger = py_logging.getLogger(), logging.get_absl_logger()
+  asked = py_logging.getLogger("jax._src.cache_key")
+  saved = (logging.get_verbosity(), root.level, absl_logger.level, asked.level)
+  try:
+    logging.set_verbosity(logging.DEBUG)
+    root.setLevel(py_logging.DEBUG)  # what absl does when its handler is on the root logger
+    asked.setLevel(py_logging.DEBUG)
+    run._hold_other_loggers_at_info()
+    assert py_logging.getLogger("jax._src.dispatch").getEffectiveLevel() == py_logging.INFO
+    assert py_logging.getLogger("matplotlib.font_manager").getEffectiveLevel() == py_logging.INFO
+    assert absl_logger.getEffectiveLevel() == py_logging.DEBUG
+    assert asked.getEffectiveLevel() == py_logging.DEBUG
+    root.setLevel(py_logging.DEBUG)
+    logging.set_verbosity(2)  # asks for everything: nothing is held
+    run._hold_other_loggers_at_info()
+    assert py_logging.getLogger("jax._src.dispatch").getEffectiveLevel() < py_logging.INFO
+  finally:
+    logging.set_verbosity(saved[0])
+    root.setLevel(saved[1])
+    absl_logger.setLevel(saved[2])
+    asked.setLevel(saved[3])
 
 
 def test_launch_reports_config_errors(cifar100_npz, tmp_path):
