@@ -88,7 +88,9 @@ def _parse_flags(argv: list[str]) -> list[str]:
 class _Progress:
   """One tqdm bar per phase, advanced by the trainer's per-epoch hook.
 
-  Phases count from 0 (the base phase) to T-1, as in the logs, metrics.jsonl and results.json.
+  Phases count from 0 (the base phase) to T-1, as in the logs, metrics.jsonl and results.json. A
+  bar closes (ends its line) after its phase's last epoch, so the log lines of the phase end and of
+  the next phase start on lines of their own.
   """
 
   def __init__(self):
@@ -104,10 +106,13 @@ class _Progress:
     self._bar.set_postfix(loss=f"{m['train/loss']:.3f}", lr=m["train/lr"],
                           img_s=f"{m['train/images_per_s']:.0f}")
     self._bar.update(1)
+    if m["epoch"] + 1 == m["epochs"]:
+      self.close()
 
   def close(self):
     if self._bar is not None:
       self._bar.close()
+      self._bar = None
 
 
 def _default_workdir() -> str:

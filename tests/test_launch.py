@@ -148,7 +148,7 @@ def test_launch_refuses_an_unknown_override_in_one_line(tmp_path, override, name
 def test_launch_refuses_a_config_file_it_cannot_load_in_one_line(tmp_path):
   workdir = tmp_path / "run"
   missing = tmp_path / "missing.py"
-  for extra in ([], ["--config.seed=1"]):  # ml_collections fails at a different point with overrides
+  for extra in ([], ["--config.seed=1"]):  # with overrides ml_collections fails elsewhere
     done = _launch(f"--config={missing}:smoke", *extra, f"--workdir={workdir}")
     _assert_refused_in_short(done, workdir, "--config file", str(missing), "No such file")
   done = _launch(f"--config={tmp_path}", f"--workdir={workdir}")
@@ -173,3 +173,19 @@ def test_launch_refuses_more_devices_than_visible_before_reading_data(tmp_path):
       cwd=REPO, env=dict(env, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=300)
   _assert_refused_in_short(done, workdir, "config.num_devices=3, but 1 cpu device is visible",
                            "XLA_FLAGS=--xla_force_host_platform_device_count=3")
+
+
+def test_progress_bar_ends_its_line_after_a_phase_s_last_epoch(capsys):
+  """After a phase's last epoch the bar ends its line, so the log lines of the phase end and of the
+  next phase start lines of their own (a bar left open had them continue its line)."""
+  from launch import run  # pylint: disable=g-import-not-at-top
+  progress = run._Progress()
+  m = {"phases": 2, "epochs": 2, "train/loss": 1.0, "train/lr": 0.1, "train/images_per_s": 10.0}
+  progress({"phase": 0, "epoch": 0, **m})
+  first = capsys.readouterr().err
+  assert "phase 0/1" in first and not first.endswith("\n")
+  progress({"phase": 0, "epoch": 1, **m})
+  assert capsys.readouterr().err.endswith("\n")
+  progress({"phase": 1, "epoch": 0, **m})  # a new bar for the next phase
+  assert "phase 1/1" in capsys.readouterr().err
+  progress.close()
