@@ -1,6 +1,7 @@
 """The trainer end to end on real CIFAR-100: outputs, resume, compilation count, errors, baselines."""
 
 import json
+import logging as py_logging
 import os
 import pathlib
 import subprocess
@@ -172,6 +173,32 @@ def test_disabled_reweighting_equals_plain_sgd(cifar100_npz):
     p, bs, opt = sgd_step(p, bs, opt, data.images[0][idx], data.labels[0][idx], mask, i)
   for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(p)):
     np.testing.assert_allclose(np.asarray(got[0]), np.asarray(want), rtol=2e-4, atol=2e-5)
+
+
+def test_each_phase_logs_how_many_old_classes_are_kept_whole(cifar100_npz, caplog):
+  """CIFAR-100-LT (LFS 20 × 5) with M = 20: the tail classes hold fewer than 20 training images, so
+  the memory keeps them whole; each phase's line says how many of its old classes that is."""
+  from gr_jax.data import protocol  # pylint: disable=g-import-not-at-top
+  with np.load(cifar100_npz) as archive:
+    y_train, y_test = archive["y_train"], archive["y_test"]
+  plan = protocol.make_plan(y_train, y_test, dataset_name="cifar100", scenario="shuffled",
+                            profile="exponential", rho=0.01, nc_first_task=None, num_tasks=5,
+                            val_fraction=0.1, seed=1993)
+  with caplog.at_level(py_logging.INFO, logger="absl"):
+    for phase in range(plan.num_phases):
+      trainer._log_phase_data(plan, phase, 20)  # pylint: disable=protected-access
+  lines = [r.getMessage() for r in caplog.records]
+  assert len(lines) == 5
+  assert lines[0] == (f"phase 0 (of 0-4): {len(plan.train_idx[0])} images of 20 new classes, "
+                      "no memory yet")
+  for phase, line in enumerate(lines[1:], start=1):
+    old = plan.train_counts[:20 * phase]
+    whole = int((old < 20).sum())
+    assert line == (f"phase {phase} (of 0-4): {len(plan.train_idx[phase])} images of 20 new "
+                    f"classes + memory of {20 * phase} old classes: "
+                    f"{int(np.minimum(old, 20).sum())} images, at most 20 per class; classes "
+                    f"kept whole (fewer than 20 training images): {whole}")
+  assert int((plan.train_counts[:80] < 20).sum()) > 0  # the case is really exercised
 
 
 def test_non_finite_loss_stops_with_clear_error_and_keeps_checkpoint(cifar100_npz, tmp_path):
