@@ -21,6 +21,7 @@ from ml_collections import config_flags
 import tqdm
 
 from gr_jax import trainer
+from gr_jax.data import sources
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file[:presets].",
                                           lock_config=True)
@@ -175,8 +176,8 @@ def main(argv):
   progress = _Progress()
   try:
     results = trainer.run(_CONFIG.value, workdir, on_epoch=progress)
-  except (ValueError, FileNotFoundError, FloatingPointError) as err:
-    # Input and numerical errors: the message says what to fix; no traceback needed.
+  except (ValueError, FileNotFoundError, FloatingPointError, sources.MissingExtraError) as err:
+    # Input, installation and numerical errors: the message says what to fix; no traceback needed.
     raise SystemExit(f"error: {err}") from None
   finally:
     progress.close()

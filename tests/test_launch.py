@@ -189,3 +189,19 @@ def test_progress_bar_ends_its_line_after_a_phase_s_last_epoch(capsys):
   progress({"phase": 1, "epoch": 0, **m})  # a new bar for the next phase
   assert "phase 1/1" in capsys.readouterr().err
   progress.close()
+
+
+def test_launch_without_the_tfds_extra_says_how_to_install_it(tmp_path):
+  """The base install has neither tensorflow nor tensorflow-datasets: a tfds config ends with one
+  line naming the [tfds] extra (no traceback, no workdir); npz runs need neither (CI runs the
+  README's first command on the base install)."""
+  workdir = tmp_path / "run"
+  code = ("import runpy, sys\n"
+          "sys.modules['tensorflow'] = None\n"  # any `import tensorflow` now raises ImportError
+          "sys.modules['tensorflow_datasets'] = None\n"
+          f"sys.argv = ['launch/run.py', '--config=configs/cifar100_lt.py:smoke', "
+          f"'--workdir={workdir}']\n"
+          "runpy.run_path('launch/run.py', run_name='__main__')\n")
+  done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=300)
+  _assert_refused_in_short(done, workdir, "[tfds] extra", "pip install -e '.[tfds]'")

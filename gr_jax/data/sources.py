@@ -72,6 +72,10 @@ _NPZ_NAME_KEYS = ("fine_label_names", "label_names", "class_names")
 ArrayLike = Union[np.ndarray, "LazyImages"]
 
 
+class MissingExtraError(ImportError):
+  """A source needs packages of an optional extra that is not installed; the message says which."""
+
+
 # --------------------------------------------------------------------------------------------------
 # Decoding.
 
@@ -585,10 +589,11 @@ def _load_tfds(name: str, *, data_dir: str | None, image_size: int | None,
   """TFDS: fixed-size datasets are read whole as arrays; variable-size ones stay encoded (lazy)."""
   try:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    import tensorflow  # pylint: disable=g-import-not-at-top,unused-import
   except ImportError as e:
-    raise ImportError("data.source 'tfds' needs tensorflow and tensorflow-datasets "
-                      "(pip install 'gr_jax[tfds]'); on machines without TensorFlow use the npz, "
-                      "folder or list source") from e
+    raise MissingExtraError("data.source 'tfds' needs tensorflow and tensorflow-datasets, the "
+                            "[tfds] extra (pip install -e '.[tfds]' in the checkout); without "
+                            "them use the npz, folder or list source") from e
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError as e:
