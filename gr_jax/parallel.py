@@ -38,12 +38,33 @@ def initialize_distributed() -> None:
     jax.distributed.initialize()
 
 
+def check_num_devices(num_devices: int) -> None:
+  """ValueError naming the fix unless ``config.num_devices`` is 0 (all devices) or at most the
+  devices visible; on the CPU the fix is a forced host device count, elsewhere a smaller number."""
+  if not isinstance(num_devices, (int, np.integer)) or isinstance(num_devices, bool) \
+      or num_devices < 0:
+    raise ValueError(f"config.num_devices={num_devices!r}: use 0 (all visible devices) or a "
+                     "positive integer")
+  devices = jax.devices()
+  if num_devices <= len(devices):
+    return
+  platform = devices[0].platform
+  message = (f"config.num_devices={num_devices}, but {len(devices)} {platform} "
+             f"device{'s are' if len(devices) > 1 else ' is'} visible")
+  if platform == "cpu":
+    raise ValueError(f"{message}: to split the CPU into {num_devices} devices, start with "
+                     f"XLA_FLAGS=--xla_force_host_platform_device_count={num_devices} (added to "
+                     "any XLA_FLAGS already set), or use --config.num_devices=0 for all visible "
+                     "devices")
+  raise ValueError(f"{message} ({', '.join(str(d) for d in devices)}): use at most "
+                   f"{len(devices)}, or --config.num_devices=0 for all of them")
+
+
 def make_mesh(num_devices: int | None = None) -> Mesh:
   """A 1-d mesh over the first ``num_devices`` devices (all by default)."""
   devices = jax.devices()
   if num_devices is not None:
-    if num_devices > len(devices):
-      raise ValueError(f"asked for {num_devices} devices but only {len(devices)} are visible")
+    check_num_devices(num_devices)
     devices = devices[:num_devices]
   return Mesh(np.asarray(devices), (DATA_AXIS,))
 

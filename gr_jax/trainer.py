@@ -89,6 +89,22 @@ def _memory_slots(plan: protocol.Plan, phase: int, per_class: int) -> int:
   return int(np.minimum(plan.train_counts[:start], per_class).sum())
 
 
+def _log_phase_data(plan: protocol.Plan, phase: int, per_class: int) -> None:
+  """One line per phase: what it trains on, and how many old classes hold fewer training images
+  than the exemplar budget, so that the memory keeps them whole (full replay: expected for the tail
+  classes of a long-tailed set, and not an error)."""
+  start, stop = plan.class_range(phase)
+  head = (f"phase {phase} (of 0-{plan.num_phases - 1}): {len(plan.train_idx[phase])} images of "
+          f"{stop - start} new classes")
+  if not start:
+    logging.info("%s, no memory yet", head)
+    return
+  logging.info("%s + memory of %d old classes: %d images, at most %d per class; classes kept whole "
+               "(fewer than %d training images): %d", head, start,
+               _memory_slots(plan, phase, per_class), per_class, per_class,
+               int(np.sum(plan.train_counts[:start] < per_class)))
+
+
 def _round_up(n: int, multiple: int) -> int:
   return max(multiple, -(-n // multiple) * multiple)
 
@@ -174,6 +190,7 @@ def validate_config(config) -> None:
                      f"{steps.SEED_EXECUTIONS}")
   if config.dtype not in ("float32", "bfloat16"):
     raise ValueError(f"config.dtype={config.dtype!r}: use float32 or bfloat16")
+  parallel.check_num_devices(config.num_devices)  # before the data is read
   _require_positive_int(config, "memory.per_class", "the exemplar budget must be a positive "
                         "integer (images kept per old class, 20 in the paper)")
   if config.memory.selection not in ("herding", "random"):
@@ -370,6 +387,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
         phase = int(state.phase[0])
         fns = exp.incremental_steps if phase else exp.base_steps
         tic = time.time()
+        _log_phase_data(plan, phase, config.memory.per_class)
         data = _phase_data(exp, state, phase)
         consts = _constants(exp, phase)
         # Where this phase's time goes, in this process (a resumed phase counts its epochs since).

@@ -7,6 +7,7 @@ events and accuracy.png. Rerunning with the same workdir resumes from the latest
 
 import logging as py_logging
 import os
+import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -15,10 +16,12 @@ from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 from absl import logging
 import jax
+import ml_collections
 from ml_collections import config_flags
 import tqdm
 
 from gr_jax import trainer
+from gr_jax.data import sources
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file[:presets].",
                                           lock_config=True)
@@ -26,10 +29,69 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<c
 flags.mark_flags_as_required(["config"])
 
 
+def _override_paths(argv: list[str]) -> list[str]:
+  """The entries that ``--config.<entry>=...`` arguments override, as ml_collections finds them."""
+  return [arg.split("=", 1)[0].split(".", 1)[1] for arg in argv
+          if re.match(r"-{1,2}(no)?config\.", arg)]
+
+
+def _unknown_entry(err: Exception, argv: list[str]) -> str | None:
+  """``--config.optim.lr=...: no config entry 'optim.lr'. Did you mean ...?`` for the KeyError /
+  AttributeError ml_collections raises on an unknown override; None when no override names the key
+  (then the error is not about the command line)."""
+  message = err
+  while isinstance(message, BaseException) and message.args:  # AttributeError(KeyError(str))
+    message = message.args[0]
+  key, _, hint = str(message).partition("\n")
+  key = key.strip("'\"")
+  for path in _override_paths(argv):
+    parts = path.split(".")
+    if key in parts:
+      entry = ".".join(parts[:parts.index(key) + 1])
+      return (f"--config.{path}: no config entry {entry!r} (configs/common.py lists them)"
+              + (f". {hint.strip()}" if hint.strip() else ""))
+  return None
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, but a bad flag ends the program with one ``error: ...`` line (two at most)
+  and status 1 instead of ml_collections' chained tracebacks.
+
+  Covers an unknown ``--config.<entry>`` (ml_collections' "Did you mean" hint kept), a ``--config``
+  file that cannot be read or whose ``get_config`` refuses its presets, and absl's own flag errors.
+  It runs before ``main``, so a refused command touches no workdir.
+  """
+  try:
+    rest = flags.FLAGS(argv)
+    if not isinstance(_CONFIG.value, ml_collections.ConfigDict):
+      # ml_collections keeps a file it could not read as a stand-in that raises its OSError on use.
+      _CONFIG.value.get("seed")
+    return rest
+  except flags.Error as err:
+    message = str(err)
+    head, found, trace = message.partition(": Error whilst parsing config file:")
+    if found:  # get_config raised; its traceback is in the message, its last line says why
+      last = trace.strip().splitlines()[-1]
+      message = f"{head}: {re.sub(r'^[A-Za-z_.]*(Error|Exception): ', '', last)}"
+  except SyntaxError as err:
+    message = f"the --config file {err.filename}, line {err.lineno}, is not valid Python: {err.msg}"
+  except OSError as err:
+    last = str(err.__cause__ or err).strip().splitlines()[-1].strip()
+    message = (f"cannot read the --config file: {last}; give a config file and optional presets, "
+               "e.g. --config=configs/cifar100_lt.py:smoke")
+  except (AttributeError, KeyError) as err:
+    message = _unknown_entry(err, argv)
+    if message is None:
+      raise
+  sys.exit(f"error: {message}")
+
+
 class _Progress:
   """One tqdm bar per phase, advanced by the trainer's per-epoch hook.
 
-  Phases count from 0 (the base phase) to T-1, as in the logs, metrics.jsonl and results.json.
+  Phases count from 0 (the base phase) to T-1, as in the logs, metrics.jsonl and results.json. A
+  bar closes (ends its line) after its phase's last epoch, so the log lines of the phase end and of
+  the next phase start on lines of their own.
   """
 
   def __init__(self):
@@ -45,10 +107,13 @@ class _Progress:
     self._bar.set_postfix(loss=f"{m['train/loss']:.3f}", lr=m["train/lr"],
                           img_s=f"{m['train/images_per_s']:.0f}")
     self._bar.update(1)
+    if m["epoch"] + 1 == m["epochs"]:
+      self.close()
 
   def close(self):
     if self._bar is not None:
       self._bar.close()
+      self._bar = None
 
 
 def _default_workdir() -> str:
@@ -70,24 +135,49 @@ def _use_compilation_cache(directory: str) -> None:
   jax.config.update("jax_compilation_cache_dir", os.path.expanduser(directory))
 
 
+# Where this program's own log records come from: the library, the launcher and the configs.
+_LAUNCH_DIR = os.path.dirname(os.path.abspath(__file__))
+_OWN_CODE = (os.path.dirname(os.path.abspath(trainer.__file__)) + os.sep, _LAUNCH_DIR + os.sep,
+             os.path.join(os.path.dirname(_LAUNCH_DIR), "configs") + os.sep)
+
+
 def _keep_log_record(record: py_logging.LogRecord) -> bool:
-  """False for orbax's INFO records (about 40 lines per checkpoint save) unless ``--verbosity=1``;
-  its warnings and errors, and every other record, pass."""
-  return (record.levelno >= py_logging.WARNING or logging.get_verbosity() >= logging.DEBUG
-          or f"{os.sep}orbax{os.sep}" not in record.pathname)
+  """What reaches the terminal: warnings and errors always, and gr_jax's own records at the
+  ``--verbosity`` asked for. Other packages' DEBUG records (orbax and tfds log through absl) are cut
+  unless ``--verbosity=2`` (JAX's, when asked for with ``JAX_LOGGING_LEVEL``, print through JAX's
+  own handler), and orbax's INFO (about 40 lines per checkpoint save) shows from ``--verbosity=1``."""
+  verbosity = logging.get_verbosity()
+  if (record.levelno >= py_logging.WARNING or verbosity > logging.DEBUG
+      or record.pathname.startswith(_OWN_CODE)):
+    return True
+  if record.levelno < py_logging.INFO:
+    return False
+  return verbosity >= logging.DEBUG or f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
+def _hold_other_loggers_at_info() -> None:
+  """At ``--verbosity=1`` absl lowers the root logger to DEBUG, and every Python logger that has no
+  level of its own (jax's, matplotlib's, asyncio's: tens of thousands of lines a run) follows it.
+  Keep the root at INFO and only absl's logger, which gr_jax logs through, at DEBUG. JAX's own
+  ``JAX_LOGGING_LEVEL`` / ``JAX_DEBUG_LOG_MODULES`` set its loggers' levels and still apply;
+  ``--verbosity=2`` leaves everything at DEBUG."""
+  if logging.get_verbosity() == logging.DEBUG:
+    logging.get_absl_logger().setLevel(py_logging.DEBUG)
+    py_logging.getLogger().setLevel(py_logging.INFO)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_keep_log_record)
+  _hold_other_loggers_at_info()
   workdir = _WORKDIR.value or _default_workdir()
   _use_compilation_cache(_CONFIG.value.compilation_cache_dir)
   progress = _Progress()
   try:
     results = trainer.run(_CONFIG.value, workdir, on_epoch=progress)
-  except (ValueError, FileNotFoundError, FloatingPointError) as err:
-    # Input and numerical errors: the message says what to fix; no traceback needed.
+  except (ValueError, FileNotFoundError, FloatingPointError, sources.MissingExtraError) as err:
+    # Input, installation and numerical errors: the message says what to fix; no traceback needed.
     raise SystemExit(f"error: {err}") from None
   finally:
     progress.close()
@@ -97,4 +187,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

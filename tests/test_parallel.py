@@ -66,3 +66,45 @@ def test_multi_host_env_without_process_count_is_a_clear_error(monkeypatch):
   monkeypatch.setenv("JAX_PROCESS_ID", "0")
   with pytest.raises(ValueError, match="JAX_NUM_PROCESSES"):
     parallel.initialize_distributed()
+
+
+def test_more_devices_than_visible_on_cpu_names_the_forced_device_count():
+  """On the CPU the fix is XLA_FLAGS=--xla_force_host_platform_device_count=N (set before JAX
+  starts); N is the number asked for."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.default_backend() != "cpu":
+    pytest.skip("the CPU hint; the GPU message is tested with stand-in devices below")
+  n = jax.device_count() + 1
+  with pytest.raises(ValueError, match=rf"config.num_devices={n}, but {n - 1} cpu device.* "
+                                       rf"XLA_FLAGS=--xla_force_host_platform_device_count={n}"):
+    parallel.make_mesh(n)
+
+
+def test_more_devices_than_visible_on_gpu_says_how_many_are_visible(monkeypatch):
+  class Gpu:  # a stand-in for a jax GPU device: its platform and its name
+    platform = "gpu"
+
+    def __init__(self, i):
+      self.i = i
+
+    def __str__(self):
+      return f"cuda:{self.i}"
+
+  monkeypatch.setattr(parallel.jax, "devices", lambda: [Gpu(0), Gpu(1)])
+  with pytest.raises(ValueError, match=r"config.num_devices=4, but 2 gpu devices are visible "
+                                       r"\(cuda:0, cuda:1\): use at most 2") as err:
+    parallel.check_num_devices(4)
+  assert "xla_force_host" not in str(err.value)
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, True])
+def test_num_devices_must_be_zero_or_a_positive_integer(value):
+  with pytest.raises(ValueError, match=rf"config.num_devices={value!r}: use 0"):
+    parallel.check_num_devices(value)
+
+
+def test_num_devices_up_to_the_visible_ones_are_accepted():
+  import jax  # pylint: disable=g-import-not-at-top
+  for n in range(jax.device_count() + 1):
+    parallel.check_num_devices(n)
+  assert parallel.make_mesh(jax.device_count()).size == jax.device_count()

@@ -1,5 +1,6 @@
 """Dataset sources on the real shared data (npz, folder, list) and tfds (mocked, ImageFolder)."""
 
+import logging
 import os
 import pathlib
 
@@ -7,6 +8,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from gr_jax.data import protocol
 from gr_jax.data import sources
 
 
@@ -112,6 +114,27 @@ def test_folder_tiny_imagenet(tiny, tiny_imagenet_dir):
   np.testing.assert_array_equal(np.asarray(sub), batch)
   with pytest.raises(IndexError):
     tiny.x_train[np.array([10100])]
+
+
+def test_log_lines_name_the_folder_read_not_the_config_name(tiny_imagenet_dir, caplog):
+  """configs/food101.py pointed at the Tiny-ImageNet-101 proxy: the source's line names the folder
+  read and gives 'food101' only as the dataset's name; the plan's line names the class order, not
+  the dataset. Without a name of its own the folder's name is not repeated."""
+  with caplog.at_level(logging.INFO, logger="absl"):
+    data = sources.load_dataset("folder", name="food101", path=str(tiny_imagenet_dir),
+                                image_size=32)
+    protocol.make_plan(data.y_train, data.y_test, dataset_name=data.name, scenario="shuffled",
+                       profile="exponential", rho=0.01, nc_first_task=51, num_tasks=6,
+                       val_fraction=0.1, seed=1993)
+    sources.load_dataset("folder", path=str(tiny_imagenet_dir), image_size=32)
+  lines = [r.getMessage() for r in caplog.records if r.name == "absl"]
+  assert lines[0] == (f"folder {tiny_imagenet_dir} (ImageFolder, 101 classes): 10100 train / 5050 "
+                      "test images, stored (32, 32, 3); dataset name 'food101'")
+  assert lines[1].startswith("plan (shuffled, exponential rho=0.01, class order: permutation seed "
+                             "1993): 101 classes in phases (51, 10, 10, 10, 10, 10)")
+  assert lines[2] == (f"folder {tiny_imagenet_dir} (ImageFolder, 101 classes): 10100 train / 5050 "
+                      "test images, stored (32, 32, 3)")
+  assert len(lines) == 3
 
 
 def test_folder_resize(tiny_imagenet_dir, tiny):

@@ -175,77 +175,30 @@ def test_disabled_reweighting_equals_plain_sgd(cifar100_npz):
     np.testing.assert_allclose(np.asarray(got[0]), np.asarray(want), rtol=2e-4, atol=2e-5)
 
 
-def _launch(*args, cwd=REPO, timeout=300):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, "launch/run.py", *args], cwd=cwd, env=env,
-                        capture_output=True, text=True, timeout=timeout)
-
-
-def test_launch_points_the_compilation_cache_at_the_config_dir(tmp_path):
-  """launch/run.py's cache helper: the config's directory (``~`` expanded) unless the environment
-  names one, and nothing for "". A compiled program then lands there (a second run would load it;
-  measured: BENCHMARKS.md)."""
-  script = f"""
-import os, sys
-sys.path.insert(0, {str(REPO)!r})
-import jax, jax.numpy as jnp
-from launch import run
-run._use_compilation_cache("")
-assert not jax.config.jax_compilation_cache_dir
-os.environ["JAX_COMPILATION_CACHE_DIR"] = "/elsewhere"
-run._use_compilation_cache("~/ignored")
-assert not jax.config.jax_compilation_cache_dir
-del os.environ["JAX_COMPILATION_CACHE_DIR"]
-run._use_compilation_cache("~/xla")
-assert jax.config.jax_compilation_cache_dir == os.path.join({str(tmp_path)!r}, "xla")
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-jax.jit(lambda x: jnp.sin(x) @ x.T)(jnp.ones((8, 8))).block_until_ready()
-print(sorted(os.listdir(os.path.join({str(tmp_path)!r}, "xla"))))
-"""
-  env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
-  done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                        env=dict(env, JAX_PLATFORMS="cpu", HOME=str(tmp_path)), timeout=120)
-  assert done.returncode == 0, done.stderr[-2000:]
-  assert "-cache" in done.stdout
-  from configs import common  # pylint: disable=g-import-not-at-top
-  assert common.base_config().compilation_cache_dir == "~/.cache/gr_jax/xla"
-
-
-def test_launch_keeps_orbax_info_out_of_the_log():
-  """An orbax INFO record is dropped (they are ~40 lines per checkpoint save), its warnings and
-  every gr_jax record pass, and ``--verbosity=1`` lets everything through."""
-  from absl import logging  # pylint: disable=g-import-not-at-top
-  from launch import run  # pylint: disable=g-import-not-at-top
-
-  def record(path, level):
-    return py_logging.LogRecord("absl", level, path, 1, "msg", None, None)
-
-  orbax = os.path.join("site-packages", "orbax", "checkpoint", "checkpoint_manager.py")
-  ours = os.path.join("gr_jax", "trainer.py")
-  before = logging.get_verbosity()
-  try:
-    logging.set_verbosity(logging.INFO)
-    assert not run._keep_log_record(record(orbax, py_logging.INFO))
-    assert run._keep_log_record(record(orbax, py_logging.WARNING))
-    assert run._keep_log_record(record(ours, py_logging.INFO))
-    logging.set_verbosity(logging.DEBUG)
-    assert run._keep_log_record(record(orbax, py_logging.INFO))
-  finally:
-    logging.set_verbosity(before)
-
-
-def test_launch_reports_config_errors(cifar100_npz, tmp_path):
-  base = ["--config=configs/cifar100_lt.py:smoke", "--config.data.source=npz",
-          f"--config.data.path={cifar100_npz}", f"--workdir={tmp_path}"]
-  unknown = _launch(*base, "--config.optim.not_a_key=1")
-  assert unknown.returncode != 0 and "not_a_key" in unknown.stderr
-  split = _launch(*base, "--config.protocol.num_tasks=7", "--config.protocol.nc_first_task=50")
-  assert split.returncode != 0 and "split evenly" in split.stderr
-  missing = _launch("--config=configs/cifar100_lt.py:smoke", "--config.data.source=npz",
-                    "--config.data.path=/nonexistent/cifar.npz", f"--workdir={tmp_path}")
-  assert missing.returncode != 0 and "/nonexistent/cifar.npz" in missing.stderr
-  budget = _launch(*base, "--config.memory.per_class=0")
-  assert budget.returncode != 0 and "positive integer" in budget.stderr
+def test_each_phase_logs_how_many_old_classes_are_kept_whole(cifar100_npz, caplog):
+  """CIFAR-100-LT (LFS 20 × 5) with M = 20: the tail classes hold fewer than 20 training images, so
+  the memory keeps them whole; each phase's line says how many of its old classes that is."""
+  from gr_jax.data import protocol  # pylint: disable=g-import-not-at-top
+  with np.load(cifar100_npz) as archive:
+    y_train, y_test = archive["y_train"], archive["y_test"]
+  plan = protocol.make_plan(y_train, y_test, dataset_name="cifar100", scenario="shuffled",
+                            profile="exponential", rho=0.01, nc_first_task=None, num_tasks=5,
+                            val_fraction=0.1, seed=1993)
+  with caplog.at_level(py_logging.INFO, logger="absl"):
+    for phase in range(plan.num_phases):
+      trainer._log_phase_data(plan, phase, 20)  # pylint: disable=protected-access
+  lines = [r.getMessage() for r in caplog.records]
+  assert len(lines) == 5
+  assert lines[0] == (f"phase 0 (of 0-4): {len(plan.train_idx[0])} images of 20 new classes, "
+                      "no memory yet")
+  for phase, line in enumerate(lines[1:], start=1):
+    old = plan.train_counts[:20 * phase]
+    whole = int((old < 20).sum())
+    assert line == (f"phase {phase} (of 0-4): {len(plan.train_idx[phase])} images of 20 new "
+                    f"classes + memory of {20 * phase} old classes: "
+                    f"{int(np.minimum(old, 20).sum())} images, at most 20 per class; classes "
+                    f"kept whole (fewer than 20 training images): {whole}")
+  assert int((plan.train_counts[:80] < 20).sum()) > 0  # the case is really exercised
 
 
 def test_non_finite_loss_stops_with_clear_error_and_keeps_checkpoint(cifar100_npz, tmp_path):

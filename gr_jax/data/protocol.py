@@ -146,6 +146,15 @@ def class_order(scenario: str, num_classes: int, dataset_name: str, seed: int) -
   return np.random.RandomState(seed).permutation(num_classes).astype(np.int32)
 
 
+def _order_note(scenario: str, dataset_name: str, seed: int) -> str:
+  """Which of :func:`class_order`'s orders a plan uses, for its log line."""
+  if scenario == "ordered":
+    return "labels 0..K-1"
+  if _is_cifar100(dataset_name):
+    return f"the reference's fixed CIFAR-100 order (dataset name {dataset_name!r})"
+  return f"permutation seed {seed}"
+
+
 def task_sizes(num_classes: int, nc_first_task: int | None, num_tasks: int) -> tuple[int, ...]:
   """Classes per phase: ``nc_first_task`` first, the rest split evenly.
 
@@ -377,8 +386,9 @@ def make_plan(y_train: np.ndarray, y_test: np.ndarray, *, dataset_name: str, sce
               task_sizes=tuple(int(s) for s in sizes), train_idx=tuple(train_idx),
               val_idx=tuple(val_idx), test_idx=tuple(test_idx),
               train_counts=_frozen(train_counts, np.int32))
-  logging.info("plan for %s (%s, %s rho=%s): %d classes in phases %s; %d train / %d val images; "
-               "N_c from %d to %d", dataset_name, scenario, profile, rho, used_classes,
+  logging.info("plan (%s, %s rho=%s, class order: %s): %d classes in phases %s; %d train / %d val "
+               "images; N_c from %d to %d", scenario, profile, rho,
+               _order_note(scenario, dataset_name, seed), used_classes,
                plan.task_sizes, int(train_counts.sum()),
                int(sum(v.size for v in val_idx)), int(train_counts.min()), int(train_counts.max()))
   return plan

@@ -72,6 +72,10 @@ _NPZ_NAME_KEYS = ("fine_label_names", "label_names", "class_names")
 ArrayLike = Union[np.ndarray, "LazyImages"]
 
 
+class MissingExtraError(ImportError):
+  """A source needs packages of an optional extra that is not installed; the message says which."""
+
+
 # --------------------------------------------------------------------------------------------------
 # Decoding.
 
@@ -413,6 +417,12 @@ def _npz_names(archive, num_classes: int) -> tuple[str, ...]:
   return tuple(str(i) for i in range(num_classes))
 
 
+def _name_note(name: str | None, default: str) -> str:
+  """``; dataset name 'food101'`` for a log line, when the caller named a file or folder source
+  otherwise than its file name: the line then says what was read and what it is only called."""
+  return f"; dataset name {name!r}" if name and name != default else ""
+
+
 def _load_npz(path: pathlib.Path, *, name: str | None, image_size: int | None) -> Dataset:
   """Reads the whole archive into memory (it is read once per process; ~170 MB for CIFAR-100)."""
   if not path.is_file():
@@ -443,10 +453,10 @@ def _load_npz(path: pathlib.Path, *, name: str | None, image_size: int | None) -
     raise ValueError(f"npz file {path} stores {height}x{width} images; image_size={image_size} "
                      "is not applied to npz arrays (resize them when building the file, or pass "
                      "image_size=None)")
-  name = name or path.stem
-  logging.info("npz dataset %s from %s: %d train / %d test images of %s, %d classes", name, path,
+  logging.info("npz %s: %d train / %d test images of %s, %d classes%s", path,
                len(arrays["y_train"]), len(arrays["y_test"]), arrays["x_train"].shape[1:],
-               num_classes)
+               num_classes, _name_note(name, path.stem))
+  name = name or path.stem
   return Dataset(name=name, x_train=arrays["x_train"], y_train=arrays["y_train"],
                  x_test=arrays["x_test"], y_test=arrays["y_test"], class_names=class_names)
 
@@ -502,9 +512,10 @@ def _load_folder(path: pathlib.Path, *, name: str | None, image_size: int | None
   test_paths, y_test = _scan_split(path / "test", classes)
   x_train, x_test = _lazy(train_paths, image_size), _lazy(test_paths, image_size)
   _check_same_native_size(x_train, x_test, path)
+  logging.info("folder %s (ImageFolder, %d classes): %d train / %d test images, stored %s%s", path,
+               len(classes), len(y_train), len(y_test), x_train.shape[1:],
+               _name_note(name, path.name))
   name = name or path.name
-  logging.info("folder dataset %s from %s: %d train / %d test images, %d classes, stored %s", name,
-               path, len(y_train), len(y_test), len(classes), x_train.shape[1:])
   return Dataset(name=name, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test,
                  class_names=tuple(classes))
 
@@ -553,9 +564,9 @@ def _load_list(path: pathlib.Path, *, name: str | None, data_dir: str | None,
   num_classes = int(max(y_train.max(), y_test.max())) + 1
   x_train, x_test = _lazy(train_paths, image_size), _lazy(test_paths, image_size)
   _check_same_native_size(x_train, x_test, path)
+  logging.info("list %s (train.txt / test.txt, %d classes): %d train / %d test images%s", path,
+               num_classes, len(y_train), len(y_test), _name_note(name, path.name))
   name = name or path.name
-  logging.info("list dataset %s from %s: %d train / %d test images, %d classes", name, path,
-               len(y_train), len(y_test), num_classes)
   return Dataset(name=name, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test,
                  class_names=tuple(str(i) for i in range(num_classes)))
 
@@ -578,10 +589,11 @@ def _load_tfds(name: str, *, data_dir: str | None, image_size: int | None,
   """TFDS: fixed-size datasets are read whole as arrays; variable-size ones stay encoded (lazy)."""
   try:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    import tensorflow  # pylint: disable=g-import-not-at-top,unused-import
   except ImportError as e:
-    raise ImportError("data.source 'tfds' needs tensorflow and tensorflow-datasets "
-                      "(pip install 'gr_jax[tfds]'); on machines without TensorFlow use the npz, "
-                      "folder or list source") from e
+    raise MissingExtraError("data.source 'tfds' needs tensorflow and tensorflow-datasets, the "
+                            "[tfds] extra (pip install -e '.[tfds]' in the checkout); without "
+                            "them use the npz, folder or list source") from e
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError as e:
@@ -641,7 +653,7 @@ def _load_tfds(name: str, *, data_dir: str | None, image_size: int | None,
   if isinstance(x_train, LazyImages) and image_size is None and \
       x_train.shape[1:] != x_test.shape[1:]:
     raise ValueError(f"tfds dataset {name!r} has images of varying size; pass image_size=...")
-  logging.info("tfds dataset %s (%s as test): %d train / %d test images, %d classes", name,
-               test_split, len(y_train), len(y_test), len(class_names))
+  logging.info("tfds %s in %s (%s as test): %d train / %d test images, %d classes", name,
+               builder.data_dir, test_split, len(y_train), len(y_test), len(class_names))
   return Dataset(name=name, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test,
                  class_names=class_names)
