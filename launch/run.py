@@ -5,6 +5,7 @@ Flags: ``--config.<key>=<value>`` overrides any config entry; ``--workdir`` (def
 events and accuracy.png. Rerunning with the same workdir resumes from the latest checkpoint.
 """
 
+import hashlib
 import logging as py_logging
 import os
 import re
@@ -125,14 +126,24 @@ def _default_workdir() -> str:
 
 
 def _use_compilation_cache(directory: str) -> None:
-  """Points JAX's persistent compilation cache at ``directory`` (unless the environment does).
+  """Points JAX's persistent compilation cache at ``directory`` (the environment's
+  ``JAX_COMPILATION_CACHE_DIR`` first), in a subfolder of its own per ``$XLA_FLAGS``.
 
   A run compiles two epoch programs plus evaluation and herding (about 40 s on an H100); the cache
-  lets the next run of the same config, another seed included, load them instead.
+  lets the next run of the same config, another seed included, load them instead. JAX keys its
+  programs by the flags but keeps XLA's per-fusion autotuning results beside them, keyed by fusion
+  only: a run under ``--xla_gpu_deterministic_ops=true`` (which turns autotuning off) that shares
+  the folder with a run without it picks up that run's kernel choices, and then loses
+  run-to-run determinism or fails to compile (measured: RESULTS.md, "XLA's deterministic GPU ops").
+  So runs under other flags get another folder.
   """
-  if os.environ.get("JAX_COMPILATION_CACHE_DIR") or not directory:
+  base = os.environ.get("JAX_COMPILATION_CACHE_DIR") or directory
+  if not base:
     return
-  jax.config.update("jax_compilation_cache_dir", os.path.expanduser(directory))
+  xla_flags = " ".join(sorted(os.environ.get("XLA_FLAGS", "").split()))
+  if xla_flags:
+    base = os.path.join(base, "xla_flags-" + hashlib.sha256(xla_flags.encode()).hexdigest()[:12])
+  jax.config.update("jax_compilation_cache_dir", os.path.expanduser(base))
 
 
 # Where this program's own log records come from: the library, the launcher and the configs.

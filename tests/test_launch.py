@@ -20,20 +20,30 @@ def _launch(*args, cwd=REPO, timeout=300):
 def test_launch_points_the_compilation_cache_at_the_config_dir(tmp_path):
   """launch/run.py's cache helper: the config's directory (``~`` expanded) unless the environment
   names one, and nothing for "". A compiled program then lands there (a second run would load it;
-  measured: BENCHMARKS.md)."""
+  measured: BENCHMARKS.md). Runs under other ``$XLA_FLAGS`` get a subfolder of their own, so a
+  deterministic-ops run never reads a default run's autotuning results (RESULTS.md)."""
   script = f"""
 import os, sys
 sys.path.insert(0, {str(REPO)!r})
 import jax, jax.numpy as jnp
 from launch import run
-run._use_compilation_cache("")
-assert not jax.config.jax_compilation_cache_dir
+def cache_for(directory, xla_flags=""):
+  os.environ["XLA_FLAGS"] = xla_flags
+  run._use_compilation_cache(directory)
+  del os.environ["XLA_FLAGS"]
+  return jax.config.jax_compilation_cache_dir
+assert not cache_for("")
 os.environ["JAX_COMPILATION_CACHE_DIR"] = "/elsewhere"
-run._use_compilation_cache("~/ignored")
-assert not jax.config.jax_compilation_cache_dir
+assert cache_for("~/ignored") == "/elsewhere"
+det = cache_for("~/ignored", "--xla_gpu_deterministic_ops=true")
+assert os.path.dirname(det) == "/elsewhere" and os.path.basename(det).startswith("xla_flags-"), det
 del os.environ["JAX_COMPILATION_CACHE_DIR"]
-run._use_compilation_cache("~/xla")
-assert jax.config.jax_compilation_cache_dir == os.path.join({str(tmp_path)!r}, "xla")
+home_xla = os.path.join({str(tmp_path)!r}, "xla")
+two = "--xla_gpu_deterministic_ops=true --xla_gpu_autotune_level=0"
+flagged = cache_for("~/xla", two)
+assert os.path.dirname(flagged) == home_xla and flagged != det.replace("/elsewhere", home_xla)
+assert cache_for("~/xla", " ".join(reversed(two.split()))) == flagged  # flag order does not matter
+assert cache_for("~/xla") == home_xla
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.jit(lambda x: jnp.sin(x) @ x.T)(jnp.ones((8, 8))).block_until_ready()
 print(sorted(os.listdir(os.path.join({str(tmp_path)!r}, "xla"))))
