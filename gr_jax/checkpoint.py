@@ -81,13 +81,16 @@ class Checkpointer:
     keyed_by_digest = meta.get("data_digest") is not None
     saved = report.experiment_config(meta.get("config", {}), data_location=not keyed_by_digest)
     current = report.experiment_config(self._config, data_location=not keyed_by_digest)
-    differing = report.differing_keys(saved, current)
-    if keyed_by_digest and meta["data_digest"] != self._data_digest:
+    differing = [f"{key} {was!r}, now {now!r}"
+                 for key, (was, now) in report.differences(saved, current).items()]
+    other_data = keyed_by_digest and meta["data_digest"] != self._data_digest
+    if other_data:
       differing.append(f"the data's content (digest {meta['data_digest']}, now {self._data_digest})")
     return (f"the workdir {os.path.dirname(self.directory)} holds checkpoints of a different run "
-            f"(differing: {', '.join(differing) or 'unknown'}). Use a new --workdir, or point "
-            "the config at the run's data, or delete that workdir to start over; nothing was "
-            "changed.")
+            f"(differing: {'; '.join(differing) or 'unknown'}). Use a new --workdir, "
+            + ("or point the config at the run's data, " if other_data else
+               "or rerun with the saved run's settings, ")
+            + "or delete that workdir to start over; nothing was changed.")
 
   def wait(self) -> None:
     self._manager.wait_until_finished()

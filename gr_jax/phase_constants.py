@@ -44,9 +44,24 @@ def phase_constants(train_counts: np.ndarray, num_old: int, num_new: int, memory
     memory_per_class: M, exemplars kept per old class.
     kd_lambda_base: λ_b.
     temperature: T of the distillation.
+
+  Raises:
+    ValueError: for counts that are not one non-negative number per class, class numbers that do
+      not fit them, or ``memory_per_class < 1`` with old classes (a count of 0 would drop an old
+      class from the prior-adjusted softmax as if it were unseen).
   """
   counts = np.asarray(train_counts, np.float64)
+  if counts.ndim != 1 or not np.all(np.isfinite(counts)) or np.any(counts < 0):
+    raise ValueError(f"train_counts must be one non-negative count per class ([C]); got shape "
+                     f"{counts.shape} with values {counts.tolist()[:8]}")
   num_classes = counts.shape[0]
+  if num_old < 0 or num_new < 1 or num_old + num_new > num_classes:
+    raise ValueError(f"num_old={num_old} and num_new={num_new} do not fit the {num_classes} "
+                     "classes of train_counts: need num_old >= 0, num_new >= 1 and "
+                     "num_old + num_new <= len(train_counts)")
+  if num_old and memory_per_class < 1:
+    raise ValueError(f"memory_per_class={memory_per_class}: with old classes the memory must keep "
+                     "at least 1 exemplar per class (M >= 1; docs/method.md §1)")
   position = np.arange(num_classes)
   old = position < num_old
   new = (position >= num_old) & (position < num_old + num_new)

@@ -329,13 +329,28 @@ def experiment_config(config_dict: Mapping[str, Any], *,
   return config
 
 
-def differing_keys(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
-  """The top-level keys (config sections) whose values differ between ``a`` and ``b``, sorted.
+def differences(a: Mapping[str, Any], b: Mapping[str, Any],
+                prefix: str = '') -> dict[str, tuple[Any, Any]]:
+  """``{dotted key: (value in a, value in b)}`` for every config entry that differs, sections
+  followed down to their entries (``optim.learning_rate``), sorted by key.
 
   Values compare as JSON: a tuple of a live config equals the list it was saved as.
   """
-  return sorted(k for k in set(a) | set(b)
-                if to_json_compatible(a.get(k)) != to_json_compatible(b.get(k)))
+  out = {}
+  for key in sorted(set(a) | set(b)):
+    x, y = to_json_compatible(a.get(key)), to_json_compatible(b.get(key))
+    if x == y:
+      continue
+    if isinstance(x, Mapping) and isinstance(y, Mapping):
+      out.update(differences(x, y, f'{prefix}{key}.'))
+    else:
+      out[f'{prefix}{key}'] = (x, y)
+  return out
+
+
+def differing_keys(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
+  """The dotted keys of the config entries that differ between ``a`` and ``b`` (:func:`differences`)."""
+  return list(differences(a, b))
 
 
 def mean_over_seeds(per_seed: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -378,7 +393,13 @@ def _per_seed(results: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 def load_results(path: str) -> dict[str, Any]:
-  """A ``results.json`` written by a run or by seed pooling; ValueError in one line otherwise."""
+  """A ``results.json`` written by a run or by seed pooling (or a run's workdir holding one);
+  ValueError in one line otherwise."""
+  if os.path.isdir(path):
+    if not os.path.exists(os.path.join(path, 'results.json')):
+      raise ValueError(f"{path}: a directory without results.json; give a finished run's workdir "
+                       "or its results.json")
+    path = os.path.join(path, 'results.json')
   try:
     with open(path) as f:
       results = json.load(f)

@@ -8,6 +8,7 @@ there.
 
 import dataclasses
 import json
+import math
 import os
 import time
 from typing import Any, Callable, NamedTuple, Optional
@@ -182,6 +183,33 @@ def _require_positive_int(config, key: str, problem: str) -> None:
     raise ValueError(f"config.{key}={value!r}: {problem}")
 
 
+def _check_optimiser(optim) -> None:
+  """The SGD schedule's entries: counts positive, rates in range, milestones increasing epochs."""
+  for key in ("epochs", "batch_size"):
+    if not isinstance(optim[key], int) or isinstance(optim[key], bool) or optim[key] < 1:
+      raise ValueError(f"config.optim.{key}={optim[key]!r}: must be an integer >= 1")
+  for key, in_range, meaning in (("learning_rate", lambda v: v > 0, "> 0"),
+                                 ("lr_decay", lambda v: v > 0, "> 0 (0.1: ÷10 at each milestone)"),
+                                 ("momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
+                                 ("weight_decay", lambda v: v >= 0, ">= 0"),
+                                 ("clip_norm", lambda v: v > 0, "> 0")):
+    value = optim[key]
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+        or not in_range(value)):
+      raise ValueError(f"config.optim.{key}={value!r}: must be a finite number {meaning}")
+  milestones = optim.milestones
+  if (not isinstance(milestones, (tuple, list))
+      or not all(isinstance(m, int) and not isinstance(m, bool) for m in milestones)
+      or any(m < 1 for m in milestones) or list(milestones) != sorted(set(milestones))):
+    raise ValueError(f"config.optim.milestones={milestones!r}: give increasing epoch numbers "
+                     "(the learning rate is multiplied by lr_decay at each), e.g. "
+                     "--config.optim.milestones=80,120, or () for a constant rate")
+  late = [m for m in milestones if m >= optim.epochs]
+  if late:
+    logging.warning("config.optim.milestones %s reach no epoch of a %d-epoch phase: the learning "
+                    "rate does not decay there", late, optim.epochs)
+
+
 def validate_config(config) -> None:
   if str(config.epoch_as_scan).lower() not in ("auto", "true", "false"):
     raise ValueError(f"config.epoch_as_scan={config.epoch_as_scan!r}: use auto, true or false")
@@ -195,8 +223,7 @@ def validate_config(config) -> None:
                         "integer (images kept per old class, 20 in the paper)")
   if config.memory.selection not in ("herding", "random"):
     raise ValueError(f"config.memory.selection={config.memory.selection!r}: use herding or random")
-  if config.optim.epochs <= 0 or config.optim.batch_size <= 0:
-    raise ValueError("config.optim.epochs and config.optim.batch_size must be positive")
+  _check_optimiser(config.optim)
   _require_positive_int(config, "checkpoint.every_epochs", "must be an integer >= 1 (epochs "
                         "between checkpoints; phase ends always save)")
   _require_positive_int(config, "checkpoint.keep", "must be an integer >= 1 (checkpoints kept; "
@@ -355,6 +382,9 @@ def run(config: ml_collections.ConfigDict, workdir: str,
         on_epoch: Optional[EpochHook] = None) -> dict[str, Any]:
   """Runs (or resumes) the whole protocol; returns the results written to ``results.json``."""
   parallel.initialize_distributed()
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ValueError(f"workdir {workdir} is a file, not a directory: give a new or existing "
+                     "run directory")
   exp = build_experiment(config)  # validates the config and loads the data before any file is made
   os.makedirs(workdir, exist_ok=True)
   config_dict = config.to_dict()

@@ -41,8 +41,45 @@ def test_checkpoint_settings_that_would_crash_or_stop_resuming_are_refused(key, 
     trainer.validate_config(c)
 
 
+@pytest.mark.parametrize("key,value,says", [
+    ("milestones", (5, 2), "give increasing epoch numbers"),
+    ("milestones", ("abc",), "give increasing epoch numbers"),  # what --config.optim.milestones=abc gives
+    ("milestones", (0, 80), "give increasing epoch numbers"),
+    ("learning_rate", -1.0, "must be a finite number > 0"),
+    ("momentum", 1.0, r"must be a finite number in \[0, 1\)"),
+    ("weight_decay", -5e-4, "must be a finite number >= 0"),
+    ("epochs", 0, "must be an integer >= 1"),
+    ("batch_size", 2.5, "must be an integer >= 1"),
+])
+def test_bad_optimiser_settings_are_refused_before_anything_is_written(key, value, says):
+  c = cifar100_lt.get_config()
+  with c.unlocked():
+    del c.optim[key]  # let the test set values of another type, as the flag parser may
+    c.optim[key] = value
+  with pytest.raises(ValueError, match=rf"config.optim.{key}=.*{says}"):
+    trainer.validate_config(c)
+
+
+def test_milestones_past_the_last_epoch_only_warn(caplog):
+  c = cifar100_lt.get_config()
+  c.optim.epochs = 3  # a short run that keeps the paper's milestones
+  with caplog.at_level("WARNING"):
+    trainer.validate_config(c)
+  assert "milestones [80, 120] reach no epoch of a 3-epoch phase" in caplog.text
+
+
 def test_bad_seeds_name_the_setting():
   c = cifar100_lt.get_config("smoke")
   c.seeds = "a,b"
   with pytest.raises(ValueError, match=r"config.seeds='a,b': give comma-separated integers"):
     trainer.parse_seeds(c)
+
+
+def test_a_workdir_that_is_a_file_is_refused_before_the_data_is_read(tmp_path):
+  not_a_dir = tmp_path / "notes.txt"
+  not_a_dir.write_text("kept")
+  c = cifar100_lt.get_config("smoke")
+  c.data.source, c.data.path = "npz", str(tmp_path / "absent.npz")  # never read
+  with pytest.raises(ValueError, match="is a file, not a directory"):
+    trainer.run(c, str(not_a_dir))
+  assert not_a_dir.read_text() == "kept"

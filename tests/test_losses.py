@@ -130,6 +130,20 @@ class PhaseConstantsTest(absltest.TestCase):
     self.assertEqual(float(c.gamma), 1.0)
     np.testing.assert_allclose(c.class_counts, [5, 6, 0])
 
+  def test_inconsistent_arguments_are_refused(self):
+    counts = np.array([10, 10, 10])
+    for kwargs, says in ((dict(num_old=2, num_new=2, memory_per_class=5), "do not fit the 3"),
+                         (dict(num_old=1, num_new=0, memory_per_class=5), "num_new >= 1"),
+                         (dict(num_old=1, num_new=2, memory_per_class=0), "memory_per_class=0")):
+      with self.assertRaisesRegex(ValueError, says):
+        gr_jax.phase_constants(counts, **kwargs)
+    for bad in (np.array([10, -1, 10]), np.ones((2, 3)), np.array([10, np.nan, 1])):
+      with self.assertRaisesRegex(ValueError, "one non-negative count per class"):
+        gr_jax.phase_constants(bad, num_old=0, num_new=2, memory_per_class=5)
+    # The base phase keeps no memory yet, so M = 0 is fine there.
+    c = gr_jax.phase_constants(counts, num_old=0, num_new=3, memory_per_class=0)
+    np.testing.assert_allclose(c.class_counts, [10, 10, 10])
+
 
 if __name__ == "__main__":
   absltest.main()

@@ -223,7 +223,7 @@ def test_runs_pool_across_data_locations_but_not_across_data():
   assert pooled['seeds'] == [0, 1] and pooled['average_incremental_accuracy'] == 30.5
   with pytest.raises(ValueError, match='class_order'):
     report.combine_seed_results([run(0, 'a.npz'), run(1, 'b.npz', order=(1, 0))])
-  with pytest.raises(ValueError, match=r"differs in \['data'\]"):
+  with pytest.raises(ValueError, match=r"differs in \['data.name'\]"):
     report.combine_seed_results([run(0, 'a.npz'), run(1, 'a.npz', name='other')])
 
 
@@ -250,3 +250,13 @@ def test_pooling_a_pooled_file_keeps_one_wall_time_per_run():
   again = report.combine_seed_results([first, run(2, 400.0)])
   assert again['wall_time_s_per_run'] == [100.0, 200.0, 400.0]
   assert again['wall_time_s'] == 700.0 and again['seeds'] == [0, 1, 2]
+
+
+def test_a_run_workdir_stands_for_its_results_json(tmp_path):
+  run_dir = tmp_path / 'run'
+  run_dir.mkdir()
+  with pytest.raises(ValueError, match='a directory without results.json'):
+    report.load_results(str(run_dir))
+  results = {'average_incremental_accuracy': 30.0, 'avg_acc_per_phase': [30.0]}
+  (run_dir / 'results.json').write_text(json.dumps(results))
+  assert report.load_results(str(run_dir)) == results
