@@ -192,7 +192,7 @@ def _check_optimiser(optim) -> None:
                                  ("lr_decay", lambda v: v > 0, "> 0 (0.1: ÷10 at each milestone)"),
                                  ("momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
                                  ("weight_decay", lambda v: v >= 0, ">= 0"),
-                                 ("clip_norm", lambda v: v > 0, "> 0")):
+                                 ("clip_norm", lambda v: v >= 0, ">= 0 (0: no clipping)")):
     value = optim[key]
     if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
         or not in_range(value)):

@@ -50,6 +50,7 @@ def test_checkpoint_settings_that_would_crash_or_stop_resuming_are_refused(key, 
     ("weight_decay", -5e-4, "must be a finite number >= 0"),
     ("epochs", 0, "must be an integer >= 1"),
     ("batch_size", 2.5, "must be an integer >= 1"),
+    ("clip_norm", -1.0, r"must be a finite number >= 0 \(0: no clipping\)"),
 ])
 def test_bad_optimiser_settings_are_refused_before_anything_is_written(key, value, says):
   c = cifar100_lt.get_config()
@@ -58,6 +59,12 @@ def test_bad_optimiser_settings_are_refused_before_anything_is_written(key, valu
     c.optim[key] = value
   with pytest.raises(ValueError, match=rf"config.optim.{key}=.*{says}"):
     trainer.validate_config(c)
+
+
+def test_clip_norm_zero_turns_clipping_off_and_is_accepted():
+  c = cifar100_lt.get_config()
+  c.optim.clip_norm = 0.0
+  trainer.validate_config(c)
 
 
 def test_milestones_past_the_last_epoch_only_warn(caplog):
