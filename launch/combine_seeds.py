@@ -25,7 +25,7 @@ flags.mark_flag_as_required("out")
 def main(argv):
   paths = argv[1:]
   if not paths:
-    raise app.UsageError("give the results.json files of the runs to pool")
+    raise SystemExit("error: give the results.json files (or workdirs) of the runs to pool")
   try:
     pooled = report.combine_seed_results([report.load_results(path) for path in paths])
   except ValueError as e:

@@ -32,8 +32,10 @@ def _curves(results):
 
 def main(argv):
   inputs = argv[1:]
-  if not inputs or any("=" not in a for a in inputs):
-    raise app.UsageError("give the runs as label=path/to/results.json")
+  unlabelled = [a for a in inputs if "=" not in a]
+  if not inputs or unlabelled:
+    raise SystemExit("error: give each run as label=path/to/results.json (or label=<run workdir>)"
+                     + (f"; no label in {unlabelled[0]!r}" if unlabelled else ""))
   from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
   from matplotlib.ticker import MaxNLocator  # pylint: disable=g-import-not-at-top

@@ -177,6 +177,7 @@ def test_plot_results_script_draws_runs_with_seed_bands(tmp_path):
   bad = subprocess.run([sys.executable, script, f'--out={out}', str(paths[0])],
                        capture_output=True, text=True)
   assert bad.returncode != 0 and 'label=path' in bad.stderr
+  assert bad.stderr.strip().splitlines() == [bad.stderr.strip()], 'one line, no --help dump'
   nested = tmp_path / 'new_dir' / 'phases.png'  # a missing output folder is created
   done = subprocess.run([sys.executable, script, f'--out={nested}', f'single={paths[0]}'],
                         capture_output=True, text=True)
