@@ -183,11 +183,11 @@ def _require_positive_int(config, key: str, problem: str) -> None:
     raise ValueError(f"config.{key}={value!r}: {problem}")
 
 
-def _check_optimiser(optim) -> None:
+def _check_optimiser(config) -> None:
   """The SGD schedule's entries: counts positive, rates in range, milestones increasing epochs."""
-  for key in ("epochs", "batch_size"):
-    if not isinstance(optim[key], int) or isinstance(optim[key], bool) or optim[key] < 1:
-      raise ValueError(f"config.optim.{key}={optim[key]!r}: must be an integer >= 1")
+  for key in ("optim.epochs", "optim.batch_size"):
+    _require_positive_int(config, key, "must be an integer >= 1")
+  optim = config.optim
   for key, in_range, meaning in (("learning_rate", lambda v: v > 0, "> 0"),
                                  ("lr_decay", lambda v: v > 0, "> 0 (0.1: ÷10 at each milestone)"),
                                  ("momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
@@ -223,7 +223,7 @@ def validate_config(config) -> None:
                         "integer (images kept per old class, 20 in the paper)")
   if config.memory.selection not in ("herding", "random"):
     raise ValueError(f"config.memory.selection={config.memory.selection!r}: use herding or random")
-  _check_optimiser(config.optim)
+  _check_optimiser(config)
   _require_positive_int(config, "checkpoint.every_epochs", "must be an integer >= 1 (epochs "
                         "between checkpoints; phase ends always save)")
   _require_positive_int(config, "checkpoint.keep", "must be an integer >= 1 (checkpoints kept; "
