@@ -10,16 +10,16 @@ The default source is tfds ``cifar100``; an offline copy:
 ``--config.data.source=npz --config.data.path=../shared/data/cifar100.npz``.
 """
 
-from configs import common
+from gr_jax import config as config_lib
 
-SCENARIOS = dict(common.SCENARIOS,
-                 lfs20=common.split(5, 20),
-                 lfh50_10x5=common.split(50, 11),  # 50 base classes then 10 phases of 5
-                 lfh50_5x10=common.split(50, 6))   # 50 base classes then 5 phases of 10
+SCENARIOS = dict(config_lib.SCENARIOS,
+                 lfs20=config_lib.split(5, 20),
+                 lfh50_10x5=config_lib.split(50, 11),  # 50 base classes then 10 phases of 5
+                 lfh50_5x10=config_lib.split(50, 6))   # 50 base classes then 5 phases of 10
 
 
 def get_config(arg: str | None = None):
-  c = common.base_config()
+  c = config_lib.base_config()
   c.data.source = "tfds"
   c.data.name = "cifar100"
   c.data.image_size = 32
@@ -27,5 +27,5 @@ def get_config(arg: str | None = None):
   c.augment = "cifar"
   c.protocol.nc_first_task = 5
   c.protocol.num_tasks = 20
-  common.apply_presets(c, arg, SCENARIOS)
+  config_lib.apply_presets(c, arg, SCENARIOS)
   return c

@@ -6,15 +6,15 @@ Presets: method names (dgr, no_dgr, no_dakd, no_prior, finetune), ordered/shuffl
 smoke.
 """
 
-from configs import common
+from gr_jax import config as config_lib
 
 
 def get_config(arg: str | None = None):
-  c = common.base_config()
+  c = config_lib.base_config()
   c.data.source = "tfds"
   c.data.name = "food101"
   c.protocol.nc_first_task = 51
   c.protocol.num_tasks = 6
-  common.imagenet_style(c)
-  common.apply_presets(c, arg, common.SCENARIOS)
+  config_lib.imagenet_style(c)
+  config_lib.apply_presets(c, arg, config_lib.SCENARIOS)
   return c

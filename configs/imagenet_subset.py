@@ -6,20 +6,20 @@ ImageFolder copy with ``--config.data.source=folder --config.data.path=...``.
 Presets: lfs10 (10 × 10, default), lfh50_10x5, lfh50_5x10, method names, ordered/shuffled, smoke.
 """
 
-from configs import common
+from gr_jax import config as config_lib
 
-SCENARIOS = dict(common.SCENARIOS,
-                 lfs10=common.split(10, 10),
-                 lfh50_10x5=common.split(50, 11),
-                 lfh50_5x10=common.split(50, 6))
+SCENARIOS = dict(config_lib.SCENARIOS,
+                 lfs10=config_lib.split(10, 10),
+                 lfh50_10x5=config_lib.split(50, 11),
+                 lfh50_5x10=config_lib.split(50, 6))
 
 
 def get_config(arg: str | None = None):
-  c = common.base_config()
+  c = config_lib.base_config()
   c.data.source = "list"
   c.data.name = "imagenet_subset"
   c.protocol.nc_first_task = 10
   c.protocol.num_tasks = 10
-  common.imagenet_style(c)
-  common.apply_presets(c, arg, SCENARIOS)
+  config_lib.imagenet_style(c)
+  config_lib.apply_presets(c, arg, SCENARIOS)
   return c

@@ -9,6 +9,7 @@ from gr_jax.losses import knowledge_distillation
 from gr_jax.losses import log_prior
 from gr_jax.losses import lost_count_entropy
 from gr_jax.losses import prior_adjusted_cross_entropy
+from gr_jax.optim import dgr_sgd
 from gr_jax.phase_constants import phase_constants
 from gr_jax.phase_constants import PhaseConstants
 from gr_jax.reweight import gradient_reweighting
@@ -17,7 +18,7 @@ from gr_jax.reweight import GradientReweightingState
 __version__ = "0.1.0"
 
 __all__ = [
-    "distribution_aware_kd", "gradient_reweighting", "GradientReweightingState",
+    "dgr_sgd", "distribution_aware_kd", "gradient_reweighting", "GradientReweightingState",
     "knowledge_distillation", "log_prior", "lost_count_entropy", "phase_constants",
     "PhaseConstants", "prior_adjusted_cross_entropy", "run",
 ]

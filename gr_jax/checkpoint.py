@@ -1,4 +1,4 @@
-"""Orbax checkpoints of the whole :class:`~gr_jax.state.TrainState`, tied to the run's config.
+"""Orbax checkpoints of a run's whole :class:`~gr_jax.state.RunState`, tied to its config and data.
 
 Each checkpoint holds the state and a small JSON record (fingerprint, config, data digest, wall
 time so far). Orbax writes to a temporary directory and renames it when complete, so a run killed
@@ -6,44 +6,26 @@ mid-save leaves the previous checkpoint intact. A workdir that holds checkpoints
 config or of other data is refused; the same data at another path resumes.
 """
 
-import hashlib
-import json
 import os
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
-from gr_jax import report
-
-
-def fingerprint(config_dict: dict[str, Any], data_digest: str | None = None) -> str:
-  """A stable hash of what determines a run's results.
-
-  With ``data_digest`` (:func:`gr_jax.data.sources.dataset_digest`): the config entries that
-  determine results, wherever the data lives, and the data's content. Without it: those entries
-  with the data's location, the key of checkpoints written before data digests existed.
-  """
-  config = report.experiment_config(config_dict, data_location=data_digest is None)
-  blob = json.dumps(config, sort_keys=True, default=str)
-  if data_digest is not None:
-    blob += "\ndata:" + data_digest
-  return hashlib.sha256(blob.encode()).hexdigest()[:16]
+from gr_jax import config as config_lib
 
 
 class Checkpointer:
   """Saves and restores run states under ``workdir/checkpoints``, keeping the last ``keep``.
 
-  Give ``data_digest`` so that the run resumes wherever its data has moved; checkpoints written
-  without one (older runs) resume only from the same data location.
+  Checkpoints are keyed by :func:`gr_jax.config.fingerprint`: the config entries that determine
+  results and ``data_digest`` (:func:`gr_jax.data.sources.dataset_digest`), so a run resumes
+  wherever its data has moved.
   """
 
-  def __init__(self, workdir: str, config_dict: dict[str, Any], keep: int = 3,
-               data_digest: str | None = None):
+  def __init__(self, workdir: str, config_dict: dict[str, Any], data_digest: str, keep: int = 3):
     self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-    self.fingerprint = fingerprint(config_dict, data_digest)
-    # A checkpoint keyed the older way (config with the data's location) still resumes.
-    self._accepted = {self.fingerprint, fingerprint(config_dict)}
+    self.fingerprint = config_lib.fingerprint(config_dict, data_digest)
     self._config = config_dict
     self._data_digest = data_digest
     self._manager = ocp.CheckpointManager(
@@ -70,7 +52,7 @@ class Checkpointer:
     if step is None:
       return None
     meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    if meta.get("fingerprint") not in self._accepted:
+    if meta.get("fingerprint") != self.fingerprint:
       raise ValueError(self._mismatch(meta))
     restored = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state)))
@@ -78,12 +60,11 @@ class Checkpointer:
 
   def _mismatch(self, meta: dict[str, Any]) -> str:
     """What differs between a refused checkpoint's run and this one, and what to do."""
-    keyed_by_digest = meta.get("data_digest") is not None
-    saved = report.experiment_config(meta.get("config", {}), data_location=not keyed_by_digest)
-    current = report.experiment_config(self._config, data_location=not keyed_by_digest)
+    saved = config_lib.results_config(meta.get("config", {}), data_location=False)
+    current = config_lib.results_config(self._config, data_location=False)
     differing = [f"{key} {was!r}, now {now!r}"
-                 for key, (was, now) in report.differences(saved, current).items()]
-    other_data = keyed_by_digest and meta["data_digest"] != self._data_digest
+                 for key, (was, now) in config_lib.differences(saved, current).items()]
+    other_data = meta.get("data_digest") != self._data_digest
     if other_data:
       differing.append(f"the data's content (digest {meta['data_digest']}, now {self._data_digest})")
     return (f"the workdir {os.path.dirname(self.directory)} holds checkpoints of a different run "
@@ -91,9 +72,6 @@ class Checkpointer:
             + ("or point the config at the run's data, " if other_data else
                "or rerun with the saved run's settings, ")
             + "or delete that workdir to start over; nothing was changed.")
-
-  def wait(self) -> None:
-    self._manager.wait_until_finished()
 
   def close(self) -> None:
     self._manager.wait_until_finished()

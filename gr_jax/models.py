@@ -212,6 +212,10 @@ class ResNet8(_Classifier):
     return _ResNetBackbone('cifar', 16, (16, 32, 64), 1, self.dtype, self.bn_fast_variance)
 
 
+# The classifier of every model here, as ``optax.masked`` / :func:`gr_jax.gradient_reweighting` take
+# a mask: a prefix of the params.
+classifier_mask = {'backbone': False, 'classifier': True}
+
 _MODELS = {'resnet32': ResNet32, 'resnet18': ResNet18, 'resnet8': ResNet8}
 
 

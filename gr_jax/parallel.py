@@ -38,12 +38,14 @@ def initialize_distributed() -> None:
     jax.distributed.initialize()
 
 
-def check_num_devices(num_devices: int) -> None:
-  """ValueError naming the fix unless ``config.num_devices`` is 0 (all devices) or at most the
+def check_num_devices(num_devices: int | None) -> None:
+  """ValueError naming the fix unless ``config.num_devices`` is None (all devices) or at most the
   devices visible; on the CPU the fix is a forced host device count, elsewhere a smaller number."""
+  if num_devices is None:
+    return
   if not isinstance(num_devices, (int, np.integer)) or isinstance(num_devices, bool) \
-      or num_devices < 0:
-    raise ValueError(f"config.num_devices={num_devices!r}: use 0 (all visible devices) or a "
+      or num_devices < 1:
+    raise ValueError(f"config.num_devices={num_devices!r}: use None (all visible devices) or a "
                      "positive integer")
   devices = jax.devices()
   if num_devices <= len(devices):
@@ -54,10 +56,10 @@ def check_num_devices(num_devices: int) -> None:
   if platform == "cpu":
     raise ValueError(f"{message}: to split the CPU into {num_devices} devices, start with "
                      f"XLA_FLAGS=--xla_force_host_platform_device_count={num_devices} (added to "
-                     "any XLA_FLAGS already set), or use --config.num_devices=0 for all visible "
+                     "any XLA_FLAGS already set), or leave config.num_devices unset (None) for all "
                      "devices")
   raise ValueError(f"{message} ({', '.join(str(d) for d in devices)}): use at most "
-                   f"{len(devices)}, or --config.num_devices=0 for all of them")
+                   f"{len(devices)}, or leave config.num_devices unset (None) for all of them")
 
 
 def make_mesh(num_devices: int | None = None) -> Mesh:

@@ -28,6 +28,8 @@ import numpy as np
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.summary.writer.record_writer import RecordWriter
 
+from gr_jax import config as config_lib
+
 METRICS_FILE = 'metrics.jsonl'
 TENSORBOARD_DIR = 'tensorboard'
 # One fixed name (it must contain 'tfevents' for TensorBoard to find it) so that a resumed run
@@ -295,64 +297,6 @@ def plot_results(workdir: str | os.PathLike, results: Mapping[str, Any],
 # Keys of a run's results that describe the run rather than a seed's outcome.
 _RUN_KEYS = ('seeds', 'task_sizes', 'class_order', 'train_counts', 'config', 'wall_time_s',
              'devices', 'provenance')
-# Config entries that may differ between runs whose seeds are pooled.
-_SEED_CONFIG_KEYS = ('seed', 'seeds', 'seed_execution')
-# Config entries that change how a run is observed or resumed, not what it computes.
-OBSERVATION_KEYS = ('checkpoint', 'num_devices', 'eval_chunk', 'epoch_as_scan',
-                    'compilation_cache_dir')
-# Entries of ``config.data`` that say where the data lives, not what it holds. Pooling and
-# checkpoints ignore them (the same dataset sits at another path on another machine) and compare
-# the runs' plans (class order, task sizes, train counts) or the data's content digest instead.
-_DATA_LOCATION_KEYS = ('path', 'data_dir', 'download')
-# Config entries added after runs were first recorded, with the value those runs computed with.
-_LATER_CONFIG_KEYS = {'bn_fast_variance': True}
-
-
-def comparable_config(config_dict: Mapping[str, Any]) -> dict[str, Any]:
-  """The config without entries added later that hold the value older runs implicitly had, so
-  older checkpoints still resume (same fingerprint) and older results still pool with new ones."""
-  return {k: v for k, v in config_dict.items()
-          if not (k in _LATER_CONFIG_KEYS and v == _LATER_CONFIG_KEYS[k])}
-
-
-def experiment_config(config_dict: Mapping[str, Any], *,
-                      data_location: bool = True) -> dict[str, Any]:
-  """The config entries that determine a run's results: :func:`comparable_config` without
-  :data:`OBSERVATION_KEYS` (checkpoint fingerprints and seed pooling both compare these).
-
-  With ``data_location=False`` also without where the data lives (``data.path``, ``data_dir``,
-  ``download``): for comparisons that check the data's content some other way.
-  """
-  config = {k: v for k, v in comparable_config(config_dict).items() if k not in OBSERVATION_KEYS}
-  if not data_location and isinstance(config.get('data'), Mapping):
-    config['data'] = {k: v for k, v in config['data'].items() if k not in _DATA_LOCATION_KEYS}
-  return config
-
-
-def differences(a: Mapping[str, Any], b: Mapping[str, Any],
-                prefix: str = '') -> dict[str, tuple[Any, Any]]:
-  """``{dotted key: (value in a, value in b)}`` for every config entry that differs, sections
-  followed down to their entries (``optim.learning_rate``), sorted by key.
-
-  Values compare as JSON: a tuple of a live config equals the list it was saved as.
-  """
-  out = {}
-  for key in sorted(set(a) | set(b)):
-    x, y = to_json_compatible(a.get(key)), to_json_compatible(b.get(key))
-    if x == y:
-      continue
-    if isinstance(x, Mapping) and isinstance(y, Mapping):
-      out.update(differences(x, y, f'{prefix}{key}.'))
-    else:
-      out[f'{prefix}{key}'] = (x, y)
-  return out
-
-
-def differing_keys(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
-  """The dotted keys of the config entries that differ between ``a`` and ``b`` (:func:`differences`)."""
-  return list(differences(a, b))
-
-
 def mean_over_seeds(per_seed: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
   """Mean of every numeric entry over seeds, and ``<key>_std`` (population std) for scalars.
 
@@ -427,8 +371,7 @@ def combine_seed_results(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
   if not runs:
     raise ValueError('combine_seed_results needs at least one results dict')
   def strip(r):
-    return {k: v for k, v in experiment_config(r.get('config') or {}, data_location=False).items()
-            if k not in _SEED_CONFIG_KEYS}
+    return config_lib.results_config(r.get('config') or {}, data_location=False, seeds=False)
 
   first = runs[0]
   first_config = strip(first)
@@ -439,7 +382,7 @@ def combine_seed_results(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
                          'seeds can be pooled')
     config = strip(r)
     if config != first_config:
-      diff = differing_keys(config, first_config)
+      diff = list(config_lib.differences(config, first_config))
       raise ValueError(f'run {i} has another config than run 0 (differs in {diff}): only runs '
                        'that differ in their seeds can be pooled')
   seeds = [s for r in runs for s in r['seeds']]

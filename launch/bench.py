@@ -49,11 +49,11 @@ _PROFILE_DIR = flags.DEFINE_string("profile_dir", "runs/profile", "Where the tra
 flags.mark_flags_as_required(["config"])
 
 VARIANTS = {
-    # name: (Method, incremental phase)
-    "plain": (steps.Method(reweighting="none", kd="none", logit_prior=False), False),
-    "gr": (steps.Method(reweighting="dgr", kd="none"), False),
-    "plain_teacher": (steps.Method(reweighting="none", kd="plain", logit_prior=False), True),
-    "dgr": (steps.Method(reweighting="dgr", kd="dakd"), True),
+    # name: (config.method entries, incremental phase)
+    "plain": (dict(reweighting="none", kd="none", logit_prior=False), False),
+    "gr": (dict(reweighting="dgr", kd="none", logit_prior=True), False),
+    "plain_teacher": (dict(reweighting="none", kd="plain", logit_prior=False), True),
+    "dgr": (dict(reweighting="dgr", kd="dakd", logit_prior=True), True),
 }
 
 
@@ -62,35 +62,36 @@ def _real_steps() -> int:
   return _STEPS.value if _REAL_STEPS.value is None else _REAL_STEPS.value
 
 
-def time_variant(config, name: str, num_seeds: int, profile_dir: str | None = None) -> dict:
+def time_variant(config, name: str, profile_dir: str | None = None) -> dict:
   """images/s of one step kind on synthetic uint8 data resident on the device.
 
   With ``profile_dir``, one more epoch runs under the JAX profiler (a perfetto trace there).
   """
-  method, incremental = VARIANTS[name]
+  method_entries, incremental = VARIANTS[name]
+  config = config.copy_and_resolve_references()
+  config.method.update(method_entries)
+  method = steps.Method.from_config(config)
   num_classes, batch = 100, config.optim.batch_size
   size = config.data.image_size
-  model, tx = trainer.model_and_optimizer(config, num_classes, method)
+  model, tx = trainer.model_and_optimizer(config, num_classes)
   train_aug, test_aug = augment.get_augmentation(config.augment, size)
   capacity = batch * _STEPS.value
   real = batch * _real_steps()
   fns = steps.make_step_fns(model, tx, method, train_aug, test_aug, batch_size=batch,
-                            num_steps=_STEPS.value, incremental=incremental, epoch_as_scan=True,
-                            seed_execution=config.seed_execution)
-  keys = jax.random.split(jax.random.key(0), num_seeds)
+                            num_steps=_STEPS.value, incremental=incremental, epoch_as_scan=True)
   counts = np.concatenate([np.full(50, 500), np.full(50, 100)])
   consts = phase_constants(counts, 50 if incremental else 0, 5 if incremental else 50, 20)
-  state = jax.jit(jax.vmap(lambda k: state_lib.create_train_state(
-      model, tx, k, (size, size, 3), 2, 20, jnp.asarray(counts))))(keys)
+  run = jax.jit(lambda k: state_lib.create_run_state(
+      model, tx, k, (size, size, 3), 2, num_classes, 20))(jax.random.key(0))
   rng = np.random.default_rng(0)
   high = 55 if incremental else 50
   data = steps.PhaseData(
-      jnp.asarray(rng.integers(0, 256, (num_seeds, capacity, size, size, 3), np.uint8)),
-      jnp.asarray(rng.integers(0, high, (num_seeds, capacity), np.int32)), jnp.int32(real))
-  teacher = (state.teacher_params, state.teacher_batch_stats)
-  carry = (state.params, state.batch_stats, state.opt_state, state.step)
+      jnp.asarray(rng.integers(0, 256, (capacity, size, size, 3), np.uint8)),
+      jnp.asarray(rng.integers(0, high, (capacity,), np.int32)), jnp.int32(real))
+  teacher = (run.teacher_params, run.teacher_batch_stats)
+  carry = run.train
   tic = time.perf_counter()
-  epoch_keys, lrs = keys[:, None], jnp.full((1,), 0.1, jnp.float32)
+  epoch_keys, lrs = jax.random.split(jax.random.key(1), 1), jnp.full((1,), 0.1, jnp.float32)
   carry, m = fns.train_epochs(carry, teacher, data, consts, epoch_keys, lrs)
   jax.block_until_ready(m)
   compile_and_first = time.perf_counter() - tic
@@ -106,8 +107,8 @@ def time_variant(config, name: str, num_seeds: int, profile_dir: str | None = No
     jax.block_until_ready(m)
     jax.profiler.stop_trace()
   best = min(times)
-  return {"images_per_s": num_seeds * real / best,
-          "images_per_s_mean": num_seeds * real * len(times) / sum(times), "epoch_s": best,
+  return {"images_per_s": real / best,
+          "images_per_s_mean": real * len(times) / sum(times), "epoch_s": best,
           "compile_and_first_epoch_s": compile_and_first,
           "loss": float(np.mean(m["loss"]))}
 
@@ -123,7 +124,6 @@ def main(argv):
             "batch_size": config.optim.batch_size, "dtype": config.dtype,
             "steps_per_epoch": _STEPS.value,
             "real_steps_per_epoch": _real_steps(), "steps": {}}
-  seeds = len(trainer.parse_seeds(config))
   unknown = set(_VARIANTS.value + _PROFILE.value) - set(VARIANTS)
   if unknown:
     raise app.UsageError(f"unknown step kinds {sorted(unknown)}; choose from {list(VARIANTS)}")
@@ -137,7 +137,7 @@ def main(argv):
     profile_dir = None
     if name in _PROFILE.value:
       profile_dir = os.path.join(_PROFILE_DIR.value, name)
-    record["steps"][name] = time_variant(config, name, seeds, profile_dir)
+    record["steps"][name] = time_variant(config, name, profile_dir)
     if profile_dir and device.platform == "gpu":
       record["steps"][name]["profile"] = trace_summary.summarize(profile_dir, _real_steps())
       print(trace_summary.format_summary(record["steps"][name]["profile"]), flush=True)

@@ -1,24 +1,40 @@
-"""Shared test fixtures: where the real data lives.
+"""Shared test fixtures: a synthetic dataset made here, and where the real data lives.
 
-The real datasets are never committed; tests read them from ``../shared/data`` beside the checkout,
-or from the directory named by ``GR_JAX_DATA``. A test that needs a file skips with a message naming
-the missing path only when that file is truly absent.
+The trainer, protocol, checkpoint and multi-device tests run on ``synthetic_npz``, made by the
+tests, so a clone without the real data still tests everything end to end. The real datasets are
+never committed; the tests that need them (marked ``real_data``) read them from ``../shared/data``
+beside the checkout, or from the directory named by ``GR_JAX_DATA``, and skip with a message naming
+the missing path only when it is truly absent.
 """
 import os
 import pathlib
 
 import pytest
 
+from tiny_run import write_synthetic_npz
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 DATA_DIR = pathlib.Path(os.environ.get("GR_JAX_DATA", REPO_ROOT.parent / "shared" / "data"))
 REFERENCE_DIR = pathlib.Path(
     os.environ.get("GR_JAX_REFERENCE", REPO_ROOT.parent / "shared" / "reference"))
+REAL_DATA_FIXTURES = ("cifar100_npz", "tiny_imagenet_dir", "lt_fixture")
+
+
+def pytest_collection_modifyitems(items):
+  for item in items:
+    if set(REAL_DATA_FIXTURES) & set(getattr(item, "fixturenames", ())):
+      item.add_marker(pytest.mark.real_data)
 
 
 def _require(path: pathlib.Path) -> pathlib.Path:
   if not path.exists():
     pytest.skip(f"real data not found at {path} (set GR_JAX_DATA / GR_JAX_REFERENCE to its folder)")
   return path
+
+
+@pytest.fixture(scope="session")
+def synthetic_npz(tmp_path_factory) -> pathlib.Path:
+  return write_synthetic_npz(tmp_path_factory.mktemp("synthetic") / "synthetic.npz")
 
 
 @pytest.fixture(scope="session")

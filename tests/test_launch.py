@@ -53,8 +53,8 @@ print(sorted(os.listdir(os.path.join({str(tmp_path)!r}, "xla"))))
                         env=dict(env, JAX_PLATFORMS="cpu", HOME=str(tmp_path)), timeout=120)
   assert done.returncode == 0, done.stderr[-2000:]
   assert "-cache" in done.stdout
-  from configs import common  # pylint: disable=g-import-not-at-top
-  assert common.base_config().compilation_cache_dir == "~/.cache/gr_jax/xla"
+  from gr_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  assert config_lib.base_config().compilation_cache_dir == "~/.cache/gr_jax/xla"
 
 
 def test_launch_keeps_orbax_info_and_other_packages_debug_out_of_the_log():

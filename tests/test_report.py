@@ -192,26 +192,6 @@ def test_plot_results_script_draws_runs_with_seed_bands(tmp_path):
     assert bad.stderr.strip().splitlines() == [bad.stderr.strip()], 'a one-line error'
 
 
-def test_config_entries_added_later_keep_older_runs_comparable():
-  # Runs recorded before bn_fast_variance existed computed with True: they resume (same checkpoint
-  # fingerprint) and pool with new runs; a run with False is another config.
-  from gr_jax import checkpoint  # pylint: disable=g-import-not-at-top
-  old = {'model': 'resnet32', 'seed': 0}
-  new = dict(old, bn_fast_variance=True)
-  two_pass = dict(old, bn_fast_variance=False)
-  assert checkpoint.fingerprint(old) == checkpoint.fingerprint(new)
-  assert checkpoint.fingerprint(two_pass) != checkpoint.fingerprint(new)
-
-  def run(config, seed, acc):
-    return {'config': dict(config, seed=seed), 'seeds': [seed], 'task_sizes': [5, 5],
-            'class_order': [0, 1], 'train_counts': [3, 2], 'average_incremental_accuracy': acc}
-
-  pooled = report.combine_seed_results([run(old, 0, 30.0), run(new, 1, 32.0)])
-  assert pooled['average_incremental_accuracy'] == 31.0
-  with pytest.raises(ValueError, match='bn_fast_variance'):
-    report.combine_seed_results([run(old, 0, 30.0), run(two_pass, 1, 32.0)])
-
-
 def test_runs_pool_across_data_locations_but_not_across_data():
   # The same dataset read from another path, checkpointed at other intervals: same experiment.
   def run(seed, path, every=160, order=(0, 1), name='cifar100'):

@@ -1,4 +1,4 @@
-"""Seed mapping of the step functions (steps.over_seeds) and the profiler-trace summary."""
+"""The train step and the optimiser chain as pure functions, and the profiler-trace summary."""
 
 import gzip
 import json
@@ -9,60 +9,91 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
+import gr_jax
+from gr_jax import models
+from gr_jax import state as state_lib
 from gr_jax import steps
+from gr_jax.data import augment
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "launch"))
 import trace_summary  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
-def _fn(params, x, data: steps.PhaseData, scale):
-  """A per-seed computation whose unbatched inputs (size, scale) are shared by all seeds."""
-  y = jnp.tanh(x @ params["w"]) * scale
-  return {"out": y.sum(axis=-1) + data.size, "rows": data.images.sum() + data.labels.sum()}
+def _tiny_step_inputs(incremental: bool):
+  """A ResNet-8 over 6 classes (3 old, 3 new in phase 1), its optimiser, and two batches."""
+  model = models.create_model("resnet8", 6)
+  tx = optax.inject_hyperparams(gr_jax.dgr_sgd, static_args=("classifier", "reweighting",
+                                                              "clip_norm"))(
+      learning_rate=0.1, momentum=0.9, weight_decay=5e-4, classifier=models.classifier_mask)
+  run = state_lib.create_run_state(model, tx, jax.random.key(0), (32, 32, 3), 2, 6, 4)
+  consts = gr_jax.phase_constants(np.array([40, 20, 5, 30, 10, 4]), 3 if incremental else 0,
+                                  3 if incremental else 3, 4)
+  rng = np.random.default_rng(0)
+  batches = [steps.Batch(jnp.asarray(rng.integers(0, 256, (8, 32, 32, 3)), jnp.uint8),
+                         jnp.asarray(rng.integers(0, 6 if incremental else 3, (8,)), jnp.int32),
+                         jnp.arange(8) < 7) for _ in range(2)]
+  _, test_aug = augment.get_augmentation("cifar", 32)
+  train_aug = lambda key, x: test_aug(x)
+  return model, tx, run, consts, batches, train_aug
 
 
-def _inputs(num_seeds):
-  rng = np.random.default_rng(num_seeds)
-  params = {"w": jnp.asarray(rng.normal(size=(num_seeds, 4, 3)), jnp.float32)}
-  x = jnp.asarray(rng.normal(size=(num_seeds, 5, 4)), jnp.float32)
-  data = steps.PhaseData(jnp.asarray(rng.integers(0, 255, (num_seeds, 6, 2, 2, 3)), jnp.int32),
-                         jnp.asarray(rng.integers(0, 9, (num_seeds, 6)), jnp.int32), jnp.int32(4))
-  return params, x, data, jnp.float32(0.5)
+@pytest.mark.parametrize("incremental", [False, True])
+def test_train_step_is_a_pure_state_to_state_function_compiled_once(incremental):
+  model, tx, run, consts, batches, train_aug = _tiny_step_inputs(incremental)
+  method = steps.Method()
+  chex.clear_trace_counter()  # the counter is keyed by the code, shared by both parametrisations
+
+  @jax.jit
+  @chex.assert_max_traces(n=1)
+  def step(state, batch, key):
+    return steps.train_step(state, batch, key, (run.teacher_params, run.teacher_batch_stats),
+                            consts, model=model, tx=tx, method=method, augment=train_aug,
+                            incremental=incremental)
+
+  state = run.train
+  for i, batch in enumerate(batches):  # a second batch reuses the compiled step
+    before = state
+    state, metrics = step(state, batch, jax.random.key(i))
+    assert int(state.step) == i + 1
+    assert float(metrics["examples"]) == 7.0 and np.isfinite(float(metrics["loss_ce"]))
+    assert (float(metrics["loss_kd"]) > 0) == incremental
+    # The input state is not modified (immutable pytrees); the classifier moved.
+    assert not np.allclose(before.params["classifier"]["kernel"],
+                           state.params["classifier"]["kernel"])
+  gr = gr_jax.optim.reweighting_state(state.opt_state)
+  seen = 6 if incremental else 3  # unseen classes get no gradient, so Φ stays 0 for them
+  phi = np.asarray(gr.cumulative_norms)
+  assert np.all(phi[:seen] > 0) and np.all(phi[seen:] == 0)
 
 
-AXES = (0, 0, steps.PhaseData(0, 0, None), None)
-
-
-class OverSeedsTest(chex.TestCase):
-
-  @chex.variants(with_jit=True, without_jit=True)
-  def test_modes_equal_per_seed_loop(self):
-    for num_seeds in (1, 3):
-      args = _inputs(num_seeds)
-      expected = [_fn(*jax.tree.map(lambda ax, a: jax.tree.map(lambda v: v[s], a) if ax == 0
-                                    else a, AXES, args, is_leaf=lambda v: v is None or
-                                    isinstance(v, int)))
-                  for s in range(num_seeds)]
-      expected = jax.tree.map(lambda *v: jnp.stack(v), *expected)
-      for mode in steps.SEED_EXECUTIONS:
-        for unroll in (False, True):
-          got = self.variant(steps.over_seeds(_fn, AXES, mode, unroll=unroll))(*args)
-          chex.assert_trees_all_close(got, expected, rtol=1e-6)
-          chex.assert_shape(got["out"], (num_seeds, 5))
-
-  def test_keeps_the_function_name_and_rejects_unknown_modes(self):
-    assert steps.over_seeds(_fn, AXES, "sequential").__name__ == "_fn"
-    with pytest.raises(ValueError, match="unknown seed execution 'pmap'"):
-      steps.over_seeds(_fn, AXES, "pmap")
-
-  def test_sequential_lowers_to_a_loop_unless_unrolled_and_vmap_does_not(self):
-    args = _inputs(3)
-    text = lambda mode: jax.jit(steps.over_seeds(_fn, AXES, mode)).lower(*args).as_text()
-    assert "while" in text("sequential") and "while" not in text("vmap")
-    unrolled = jax.jit(steps.over_seeds(_fn, AXES, "sequential", unroll=True)).lower(*args)
-    assert "while" not in unrolled.as_text()
+def test_dgr_sgd_is_the_chain_it_documents():
+  """reweighting → weight decay → momentum SGD; injecting the rate changes nothing else."""
+  params = {"backbone": {"kernel": jnp.full((4, 3), 0.5)},
+            "classifier": {"kernel": jnp.arange(12.0).reshape(3, 4) / 10, "bias": jnp.zeros(4)}}
+  grads = jax.tree.map(lambda p: jnp.cos(p) + 0.1, params)
+  mask = {"backbone": False, "classifier": True}
+  direct = gr_jax.dgr_sgd(0.05, 0.9, 1e-3, classifier=mask)
+  manual = optax.chain(gr_jax.gradient_reweighting(mask), optax.add_decayed_weights(1e-3),
+                       optax.sgd(0.05, momentum=0.9))
+  injected = optax.inject_hyperparams(gr_jax.dgr_sgd, static_args=("classifier", "reweighting",
+                                                                    "clip_norm"))(
+      learning_rate=0.0, momentum=0.9, weight_decay=1e-3, classifier=mask)
+  injected_state = injected.init(params)
+  injected_state.hyperparams["learning_rate"] = jnp.asarray(0.05)
+  outputs = []
+  for tx, state in ((direct, direct.init(params)), (manual, manual.init(params)),
+                    (injected, injected_state)):
+    new_class = jnp.array([True, True, False, False])
+    for _ in range(2):
+      updates, state = tx.update(grads, state, params, new_classes=new_class)
+    outputs.append(updates)
+  chex.assert_trees_all_close(outputs[0], outputs[1], rtol=1e-6)
+  chex.assert_trees_all_close(outputs[0], outputs[2], rtol=1e-6)
+  plain = gr_jax.dgr_sgd(0.05, 0.9, 1e-3, classifier=mask, reweighting=False, clip_norm=1.0)
+  assert gr_jax.optim.reweighting_state(plain.init(params)) is None
 
 
 def test_trace_summary_of_a_synthetic_trace(tmp_path):

@@ -1,14 +1,45 @@
-"""The smallest real run of the protocol, shared by the trainer and multi-device tests."""
+"""The smallest run of the protocol, shared by the trainer, protocol and multi-device tests.
+
+``write_synthetic_npz`` makes a dataset in the npz layout the trainer reads: a few classes of
+random 32×32 images (each class tinted its own colour, so a model can learn something), so that the
+trainer is tested end to end on a clone without the real data beside it.
+"""
+
+import numpy as np
 
 from configs import cifar100_lt
 
+SYNTHETIC_CLASSES = 10
+
+
+def write_synthetic_npz(path, train_per_class: int = 40, test_per_class: int = 8, seed: int = 0):
+  """Writes ``path`` (x_train, y_train, x_test, y_test) with ``SYNTHETIC_CLASSES`` classes."""
+  rng = np.random.default_rng(seed)
+  tint = rng.integers(0, 256, (SYNTHETIC_CLASSES, 1, 1, 3))
+
+  def split(per_class):
+    y = np.repeat(np.arange(SYNTHETIC_CLASSES), per_class)
+    noise = rng.integers(-60, 61, (len(y), 32, 32, 3))
+    return np.clip(tint[y] + noise, 0, 255).astype(np.uint8), y.astype(np.int64)
+
+  x_train, y_train = split(train_per_class)
+  x_test, y_test = split(test_per_class)
+  np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+  return path
+
 
 def tiny_config(npz, **overrides):
-  """Three phases (4 + 2 × 3 classes of CIFAR-100-LT), ResNet-8, 2 epochs, a few images a class."""
+  """Three phases (4 + 2 × 3 classes, long-tailed), ResNet-8, 2 epochs, a few images a class.
+
+  ``npz`` is the synthetic dataset of :func:`write_synthetic_npz` or the real CIFAR-100 copy (its
+  first 10 classes of the CIFAR-100-LT order).
+  """
   c = cifar100_lt.get_config("smoke")
   c.data.source = "npz"
   c.data.path = str(npz)
+  c.data.name = None
   c.model = "resnet8"
+  c.protocol.rho = 0.1  # long-tailed on the synthetic set too (its largest class has 40 images)
   c.protocol.num_classes = 10
   c.protocol.nc_first_task = 4
   c.protocol.num_tasks = 3
