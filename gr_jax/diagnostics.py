@@ -16,7 +16,8 @@ Per class: ``train_counts`` N_c, ``prior_counts`` (the counts behind π), ``lost
 ``alpha`` α_c, ``class_scale`` s_c, ``weight_norm`` ‖W_c‖, ``bias`` b_c and ``accuracy`` (TAg, percent,
 NaN for unseen classes). Per phase: ``r_old``, ``r_new``, ``gamma`` γ, ``kd_weight`` λ, ``entropy``
 H, ``beta_mean``, ``beta_min``, ``beta_max`` (β over the phase's steps) and ``beta_last`` (the last
-step's β). Quantities a run did not produce (Φ, s, β without reweighting) are NaN.
+step's β). Quantities a run did not produce (Φ, s, β without reweighting; r_old in a phase without
+old classes) are NaN.
 """
 
 from __future__ import annotations
