@@ -13,13 +13,16 @@ from gr_jax.phase_constants import phase_constants
 from gr_jax.phase_constants import PhaseConstants
 from gr_jax.reweight import gradient_reweighting
 from gr_jax.reweight import GradientReweightingState
+from gr_jax.reweight import reweighting_factors
+from gr_jax.reweight import ReweightingFactors
 
 __version__ = "0.1.0"
 
 __all__ = [
     "distribution_aware_kd", "gradient_reweighting", "GradientReweightingState",
     "knowledge_distillation", "log_prior", "lost_count_entropy", "phase_constants",
-    "PhaseConstants", "prior_adjusted_cross_entropy", "run",
+    "PhaseConstants", "prior_adjusted_cross_entropy", "reweighting_factors", "ReweightingFactors",
+    "run",
 ]
 
 

@@ -10,7 +10,8 @@ Every leaf that is not a classifier leaf passes through bit-identical, so the tr
 the head of any ``optax.chain``. This module imports nothing from gr_jax and can be copied alone.
 """
 
-from typing import Any, Callable, NamedTuple, Union
+import functools
+from typing import Any, Callable, NamedTuple, Sequence, Union
 
 import chex
 import jax
@@ -30,10 +31,34 @@ class GradientReweightingState(NamedTuple):
     class_scale: the last step's per-class factor ``s_c`` applied to the CE gradient rows (α for
       intra-phase GR, α·r for DGR; 0 for unseen classes). Kept for logging and tests.
     kd_scale: the last step's β, the factor of the KD gradient rows of old classes (0 without KD).
+    cumulative_kd_norms: float32 ``[C]``: the sum over this phase's steps of each old class's KD
+      gradient-row norm ``h_c``; 0 for other classes and without ``kd_updates``. For diagnostics.
   """
   cumulative_norms: jax.Array
   class_scale: jax.Array
   kd_scale: jax.Array
+  cumulative_kd_norms: jax.Array
+
+
+class ReweightingFactors(NamedTuple):
+  """The per-class factors of one GR/DGR step (docs/method.md §4, steps 3–4).
+
+  Attributes:
+    alpha: α, float32 ``[C]``, computed inside each group (0 for unseen classes).
+    r_old: the old classes' group factor (a float32 scalar; 1 without old classes).
+    r_new: the new classes' group factor (a float32 scalar; 1 without old classes).
+    class_scale: ``s_c``, float32 ``[C]``: α·r_old (old), α·r_new (new), 0 (unseen).
+  """
+  alpha: jax.Array
+  r_old: jax.Array
+  r_new: jax.Array
+  class_scale: jax.Array
+
+
+_INJECT_HINT = (
+    "optax.inject_hyperparams takes a classifier function for a schedule and calls it with the "
+    "step count unless it is named static: optax.inject_hyperparams(gradient_reweighting, "
+    "static_args=('classifier',)).")
 
 
 def _mask_value(mask: Any, path: tuple[Any, ...]) -> bool:
@@ -84,9 +109,8 @@ def _classifier_leaves(classifier: ClassifierSelector, tree: Any):
     raise ValueError(
         "gradient_reweighting found no classifier weight leaf (a selected leaf with ndim >= 2, "
         "class axis last). Pass `classifier=` a mask or a function of the params that selects the "
-        "classifier's kernel and bias, e.g. `{'backbone': False, 'classifier': True}`. Under "
-        "optax.inject_hyperparams a classifier function is taken for a schedule unless named "
-        "static: optax.inject_hyperparams(gradient_reweighting, static_args=('classifier',)).")
+        "classifier's kernel and bias, e.g. `{'backbone': False, 'classifier': True}`. "
+        + _INJECT_HINT)
   sizes = {jnp.shape(leaves[i])[-1] for i in index}
   if len(sizes) != 1:
     raise ValueError(
@@ -95,12 +119,22 @@ def _classifier_leaves(classifier: ClassifierSelector, tree: Any):
   return leaves, treedef, index
 
 
+def _l2_norm(parts: Sequence[jax.Array]) -> jax.Array:
+  """‖·‖₂ along axis 0 of the parts taken together, in float32, without under- or overflow.
+
+  float32 squares underflow below ~1e-19 and overflow above ~1e19, so every column is divided by
+  its largest |value| before squaring: one pass over the parts for the maxima, one for the sums of
+  squares (parts are not concatenated). Only a norm beyond float32's range (~3.4e38) is inf.
+  """
+  parts = [p.astype(jnp.float32) for p in parts]
+  peak = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(p), axis=0) for p in parts])
+  divisor = jnp.where(peak > 0, peak, 1.0)
+  return peak * jnp.sqrt(sum(jnp.sum(jnp.square(p / divisor), axis=0) for p in parts))
+
+
 def _row_norms(weight_leaves) -> jax.Array:
-  """‖G_c‖₂ over the weight rows only (all axes but the last), accumulated in float32."""
-  sq = sum(
-      jnp.sum(jnp.square(w.astype(jnp.float32)), axis=tuple(range(w.ndim - 1)))
-      for w in weight_leaves)
-  return jnp.sqrt(sq)
+  """‖G_c‖₂ over the weight rows only (all axes but the last, across leaves), in float32."""
+  return _l2_norm([w.reshape(-1, w.shape[-1]) for w in weight_leaves])
 
 
 def _group_alpha(phi: jax.Array, group: jax.Array) -> jax.Array:
@@ -116,6 +150,54 @@ def _group_alpha(phi: jax.Array, group: jax.Array) -> jax.Array:
 
 def _group_mean(x: jax.Array, group: jax.Array) -> jax.Array:
   return jnp.sum(jnp.where(group, x, 0.0)) / jnp.maximum(jnp.sum(group), 1)
+
+
+def _capped_ratio(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
+  """min(1, numerator / denominator) for numerator ≥ 0, and 1 where the denominator is 0.
+
+  Never NaN or inf: the quotient is only formed where it is below 1, so its denominator is > 0.
+  """
+  capped = numerator >= denominator
+  return jnp.where(capped, 1.0, numerator / jnp.where(capped, 1.0, denominator))
+
+
+def _class_groups(old_classes, new_classes, num_classes: int) -> tuple[jax.Array, jax.Array]:
+  """(old, new) bool [C] masks: no old classes by default, new = new_classes & ~old (all ~old)."""
+  old = jnp.zeros((num_classes,), bool) if old_classes is None else jnp.asarray(old_classes, bool)
+  new = (~old) if new_classes is None else jnp.asarray(new_classes, bool) & ~old
+  return old, new
+
+
+def reweighting_factors(cumulative_norms: jax.Array, old_classes: Any = None,
+                        new_classes: Any = None, gamma: Any = 1.0) -> ReweightingFactors:
+  r"""α, r_old, r_new and s of GR/DGR (docs/method.md §4) from the cumulative norms Φ.
+
+  :func:`gradient_reweighting` computes its factors with this function from Φ after the step's
+  update, which its state keeps: ``reweighting_factors(state.cumulative_norms, old, new, gamma)``
+  gives again, bit for bit, the factors of the step that produced ``state``. The masks and γ are
+  read as ``update`` reads them (``None``: no old classes / every class not old is new).
+
+  Where §4 is silent (the conventions beside it in docs/method.md): a class with Φ_c = 0 keeps
+  α = 1 and is left out of its group's minimum; when mean_old Φ = 0 (no old class, or none with a
+  weight gradient yet) q is 0/0 or x/0 and r_old = r_new = 1. Always finite for finite Φ ≥ 0.
+
+  Args:
+    cumulative_norms: Φ, float ``[C]``.
+    old_classes: bool ``[C]`` or ``None``.
+    new_classes: bool ``[C]`` or ``None``.
+    gamma: γ of the phase.
+
+  Returns:
+    :class:`ReweightingFactors`, float32.
+  """
+  phi = jnp.asarray(cumulative_norms, jnp.float32)
+  old, new = _class_groups(old_classes, new_classes, phi.shape[0])
+  alpha = _group_alpha(phi, old) + _group_alpha(phi, new)
+  mean_old, mean_new = _group_mean(phi, old), _group_mean(phi, new)
+  r_old = _capped_ratio(mean_new, mean_old)
+  r_new = _capped_ratio(jnp.asarray(gamma, jnp.float32) * mean_new, mean_old)
+  return ReweightingFactors(alpha=alpha, r_old=r_old, r_new=r_new,
+                            class_scale=alpha * jnp.where(old, r_old, r_new))
 
 
 def _check_new_classes(new_classes, old_classes, num_classes: int) -> None:
@@ -168,14 +250,23 @@ def gradient_reweighting(
   groups are balanced against each other with the attenuation γ::
 
     q = mean_new Φ / mean_old Φ,   r_old = min(1, q),   r_new = min(1, γ q),
+    r_old = r_new = 1 where mean_old Φ = 0 (q = 0/0 or x/0; no old classes is this case),
     s_c = α_c r_old (old c),  α_c r_new (new c),
-    β = ‖(s_c g_c)_{c seen}‖₂ / ‖(h_c)_{c old}‖₂,   h_c = ‖∂L_KD/∂W_c‖₂,
+    β = ‖(s_c g_c)_{c seen}‖₂ / ‖(h_c)_{c old}‖₂ (0 where all h_c = 0),   h_c = ‖∂L_KD/∂W_c‖₂,
     ∂W_c ← s_c G^CE_c + β G^KD_c (old c),   s_c G^CE_c (new c),   0 (unseen c).
 
   Biases get the same factors as their class rows. α ∈ (0, 1] and α = 1 for the least-updated class
   of each group; unseen classes (neither old nor new) get a zero update. A class whose Φ is still 0
   (it has had no gradient, e.g. a class masked out of the loss while no masks are passed here) is
-  left out of its group's minimum and keeps α = 1, which leaves its zero gradient zero.
+  left out of its group's minimum and keeps α = 1, which leaves its zero gradient zero. r = 1 where
+  mean_old Φ = 0 is the limit of min(1, q) and min(1, γq) as q → ∞; it gives s = α, as in phase 0.
+  These conventions, where §4 is silent, are set out beside it in docs/method.md;
+  :func:`reweighting_factors` computes α, r and s for this transform.
+
+  Norms do not under- or overflow on the way (each row is divided by its largest |value| before
+  squaring), so gradient entries anywhere in float32's normal range (~1e-38 to ~3e38) give α and β
+  to float32 precision; only a row norm, or a phase's sum Φ of them, beyond float32's largest value
+  (~3.4e38) is inf.
 
   Args:
     classifier: which leaves are the classifier, given as ``optax.masked`` takes its mask: ``None``
@@ -183,9 +274,10 @@ def gradient_reweighting(
       structure or a prefix of it (a bool stands for a whole subtree, e.g.
       ``{'params': {'backbone': False, 'head': True}}``), or a function of the params returning
       one. Masks are matched to the params by key, so a dict mask fits ``FrozenDict`` params. The
-      mask is static structure, read at trace time. Selected leaves carry the class axis last;
-      those with ``ndim >= 2`` are weights (their rows give ``g_c``), 1-d ones are biases (scaled
-      only). All other leaves pass through untouched.
+      mask is static structure, read at trace time; a single bool or array is refused (it is what
+      ``optax.inject_hyperparams`` makes of a function not named static, below). Selected leaves
+      carry the class axis last; those with ``ndim >= 2`` are weights (their rows give ``g_c``),
+      1-d ones are biases (scaled only). All other leaves pass through untouched.
 
   The returned transform's ``update(updates, state, params=None, *, new_classes=None,
   old_classes=None, kd_updates=None, gamma=1.0)`` takes as extra arguments:
@@ -194,8 +286,8 @@ def gradient_reweighting(
       intra-phase GR); with ``old_classes`` the update is DGR. The new classes are
       ``new_classes & ~old_classes`` and must not be empty: §4 divides by the new group's mean Φ,
       and every phase t ≥ 1 has new classes. Concrete masks without one are a ValueError; traced
-      masks (under jit) cannot be checked and then give a zero classifier update (q = 0, so
-      s = β = 0) while Φ still accumulates.
+      masks (under jit) cannot be checked and then give a zero classifier update once the old
+      classes have had a gradient (q = 0, so s = β = 0) while Φ still accumulates.
     * ``kd_updates``: the KD gradient, a pytree shaped like ``updates`` (only its classifier leaves
       are read); it requires ``old_classes`` (a ValueError otherwise, as do masks not shaped
       ``[C]``). For classifier leaves ``updates`` must then hold the CE gradient alone; for every
@@ -214,13 +306,20 @@ def gradient_reweighting(
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is :class:`GradientReweightingState`.
   """
+  if (classifier is not None and not callable(classifier)
+      and jax.tree_util.treedef_is_leaf(jax.tree.structure(classifier))):
+    raise ValueError(
+        f"gradient_reweighting got classifier={classifier!r}, a single value, not a mask of the "
+        "params; pass classifier=None to select every leaf. " + _INJECT_HINT)
+
   def init_fn(params):
     leaves, _, index = _classifier_leaves(classifier, params)
     num_classes = jnp.shape(leaves[index[0]])[-1]
     return GradientReweightingState(
         cumulative_norms=jnp.zeros((num_classes,), jnp.float32),
         class_scale=jnp.ones((num_classes,), jnp.float32),
-        kd_scale=jnp.zeros((), jnp.float32))
+        kd_scale=jnp.zeros((), jnp.float32),
+        cumulative_kd_norms=jnp.zeros((num_classes,), jnp.float32))
 
   def update_fn(updates, state, params=None, *, new_classes=None, old_classes=None,
                 kd_updates=None, gamma=1.0, **extra_args):
@@ -237,29 +336,21 @@ def gradient_reweighting(
                        "rows only (DGR); pass the phase's old-class mask (gr_jax.phase_constants)")
     _check_new_classes(new_classes, old_classes, num_classes)
 
-    no_old = jnp.zeros((num_classes,), bool)
-    old = no_old if old_classes is None else jnp.asarray(old_classes, bool)
-    new = (~old) if new_classes is None else jnp.asarray(new_classes, bool) & ~old
-    seen = old | new
-
+    old, new = _class_groups(old_classes, new_classes, num_classes)
     g = _row_norms([leaves[i] for i in index if leaves[i].ndim >= 2])
-    phi = state.cumulative_norms + jnp.where(seen, g, 0.0)
-    alpha = _group_alpha(phi, old) + _group_alpha(phi, new)
-
-    has_old = jnp.any(old)
-    q = _group_mean(phi, new) / jnp.where(has_old, _group_mean(phi, old), 1.0)
-    r_old = jnp.minimum(1.0, q)
-    r_new = jnp.where(has_old, jnp.minimum(1.0, jnp.asarray(gamma, jnp.float32) * q), 1.0)
-    scale = alpha * jnp.where(old, r_old, r_new)
+    phi = state.cumulative_norms + jnp.where(old | new, g, 0.0)
+    scale = reweighting_factors(phi, old_classes, new_classes, gamma).class_scale
 
     if kd_updates is None:
       beta = jnp.zeros((), jnp.float32)
       kd_leaves = None
+      kd_phi = state.cumulative_kd_norms
     else:
       kd_leaves = _kd_leaves(kd_updates, updates, treedef)
-      h = _row_norms([kd_leaves[i] for i in index if kd_leaves[i].ndim >= 2])
-      kd_norm = jnp.sqrt(jnp.sum(jnp.where(old, h * h, 0.0)))
-      ce_norm = jnp.sqrt(jnp.sum(jnp.square(scale * g)))
+      h = jnp.where(old, _row_norms([kd_leaves[i] for i in index if kd_leaves[i].ndim >= 2]), 0.0)
+      kd_phi = state.cumulative_kd_norms + h
+      kd_norm = _l2_norm([h])
+      ce_norm = _l2_norm([scale * g])
       beta = jnp.where(kd_norm > 0, ce_norm / jnp.where(kd_norm > 0, kd_norm, 1.0), 0.0)
 
     out = list(leaves)
@@ -268,7 +359,8 @@ def gradient_reweighting(
       if kd_leaves is not None:
         new_leaf = new_leaf + jnp.where(old, beta, 0.0) * kd_leaves[i].astype(jnp.float32)
       out[i] = new_leaf.astype(leaves[i].dtype)
-    new_state = GradientReweightingState(cumulative_norms=phi, class_scale=scale, kd_scale=beta)
+    new_state = GradientReweightingState(cumulative_norms=phi, class_scale=scale, kd_scale=beta,
+                                         cumulative_kd_norms=kd_phi)
     return jax.tree.unflatten(treedef, out), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

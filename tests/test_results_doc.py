@@ -1,5 +1,5 @@
 """RESULTS.md and BENCHMARKS.md against the committed result files they cite (and docs/method.md
-against the shared specification).
+against the shared specification, which it copies with gr_jax's conventions added in marked blocks).
 
 The reproduction tables are written by hand from `results/*.json`; these tests keep the two from
 drifting apart: every cited file exists, and every table row that cites a results file reports that
@@ -59,10 +59,19 @@ def test_result_tables_report_the_cited_files():
         assert shown_std == pytest.approx(result[f"{key}_std"], abs=0.0051), (name, key, line)
 
 
+# A blank line, then a blockquote opening with the marker: where gr_jax fills a gap of the spec.
+_CONVENTION_BLOCK = re.compile(
+    r"\n\n> \*\*gr_jax convention \(the spec is silent\):\*\*[^\n]*(?:\n>[^\n]*)*")
+
+
 def test_method_spec_is_the_shared_one():
-  """docs/method.md, which the docstrings cite, is a copy of the project's shared specification."""
+  """docs/method.md, which the docstrings cite, is the project's shared specification plus
+  gr_jax's marked convention blocks, and nothing else."""
   shared = ROOT.parent / "shared" / "docs" / "method.md"
   if not shared.is_file():
     pytest.skip(f"the shared specification is not at {shared}")
-  assert (ROOT / "docs" / "method.md").read_text() == shared.read_text(), (
-      "docs/method.md differs from ../shared/docs/method.md: copy the shared one over it")
+  ours = (ROOT / "docs" / "method.md").read_text()
+  assert _CONVENTION_BLOCK.search(ours), "docs/method.md has lost its gr_jax convention block"
+  assert _CONVENTION_BLOCK.sub("", ours) == shared.read_text(), (
+      "docs/method.md, without its '> **gr_jax convention (the spec is silent):**' blocks, differs "
+      "from ../shared/docs/method.md: copy the shared one over it and keep only those blocks")

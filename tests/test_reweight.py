@@ -314,6 +314,105 @@ class NoNewClassTest(chex.TestCase, parameterized.TestCase):
     np.testing.assert_allclose(state.cumulative_norms, np.where(old, g, 0.0), rtol=1e-6)
 
 
+class UndefinedQTest(chex.TestCase, parameterized.TestCase):
+  """Where §4's q = mean_new Φ / mean_old Φ is undefined: the convention of docs/method.md §4."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(
+      # Old class 0, new class 1, first step; weight gradient columns [old, new]; the KD row of
+      # class 0 has norm 1, so β = ‖s·g‖ = s_1·g_1.
+      ("zero_over_zero", [[0.0, 0.0], [0.0, 0.0]], [1.0, 1.0], 1.0, 0.0),  # mean_old Φ = 0: r = 1
+      ("positive_over_zero", [[0.0, 3.0], [0.0, 4.0]], [1.0, 1.0], 1.0, 5.0),  # the limit q → ∞
+      ("zero_over_positive", [[3.0, 0.0], [4.0, 0.0]], [0.0, 0.0], 0.0, 0.0),  # q = 0 as written
+  )
+  def test_group_factors_are_the_documented_values(self, kernel, expected_scale, expected_r,
+                                                    expected_beta):
+    grads = {"kernel": jnp.asarray(kernel), "bias": jnp.array([1.0, -1.0])}
+    kd = {"kernel": jnp.asarray([[1.0, 0.0], [0.0, 0.0]]), "bias": jnp.array([0.5, 0.0])}
+    old, new = np.array([True, False]), np.array([False, True])
+    tx = gr_jax.gradient_reweighting()
+    update = self.variant(functools.partial(tx.update, old_classes=old, new_classes=new,
+                                            gamma=0.5))
+    for kd_updates in (None, kd):
+      out, state = update(grads, tx.init(grads), kd_updates=kd_updates)
+      chex.assert_tree_all_finite((out, state))
+      # The factors are products and quotients of exact small numbers: exact in float32.
+      np.testing.assert_array_equal(state.class_scale, expected_scale)
+      np.testing.assert_array_equal(out["bias"][1], -expected_scale[1])
+    self.assertEqual(float(state.kd_scale), expected_beta)  # exact: √(0² + 5²) of scaled rows
+    factors = gr_jax.reweighting_factors(state.cumulative_norms, old, new, 0.5)
+    np.testing.assert_array_equal([factors.r_old, factors.r_new], [expected_r, expected_r])
+
+
+class NormRangeTest(chex.TestCase, parameterized.TestCase):
+  """Row norms and β are right for gradients whose float32 squares under- or overflow."""
+
+  @parameterized.product(magnitude=[1e-20, 1e-30, 1e20, 1e30],
+                         dtype=[jnp.float32, jnp.bfloat16])
+  def test_alpha_and_beta_at_extreme_magnitudes(self, magnitude, dtype):
+    # Two classes whose gradient rows have norms in ratio 1:2 (one row each, D = 1).
+    w = jnp.asarray([[magnitude, 2 * magnitude]], dtype)
+    grads = {"kernel": w, "bias": jnp.zeros(2, dtype)}
+    tx = gr_jax.gradient_reweighting()
+    _, state = jax.jit(tx.update)(grads, tx.init(grads))
+    norms = np.abs(np.asarray(w[0], np.float64))
+    # A row of one value has norm |value| up to the rounding of value/value·value: exact.
+    np.testing.assert_array_equal(state.cumulative_norms, norms.astype(np.float32))
+    np.testing.assert_array_equal(state.class_scale, [1.0, 0.5])  # 2x is exact in binary
+
+    # DGR, old class 0 with KD row [m, 0]: s = [1, 1] (q = 2), β = ‖(m, 2m)‖ / m = √5.
+    kd = {"kernel": w * jnp.asarray([[1, 0]], dtype), "bias": jnp.zeros(2, dtype)}
+    out, state = jax.jit(tx.update)(grads, tx.init(grads), old_classes=np.array([True, False]),
+                                    kd_updates=kd)
+    chex.assert_tree_all_finite(out)
+    # β: a division, two squares, a sum, a sqrt and two products: a few float32 roundings.
+    np.testing.assert_allclose(state.kd_scale, np.sqrt(5.0), rtol=8 * 2.0**-24)
+    np.testing.assert_array_equal(state.cumulative_kd_norms, [norms[0].astype(np.float32), 0.0])
+
+  def test_one_norm_across_several_weight_leaves(self):
+    """Each class's norm is taken over all weight leaves together, whatever their scales."""
+    grads = {"a": {"kernel": jnp.asarray([[1e20, 0.0]])},
+             "b": {"kernel": jnp.asarray([[1e-20, 2e20]]), "bias": jnp.zeros(2)}}
+    tx = gr_jax.gradient_reweighting()
+    _, state = tx.update(grads, tx.init(grads))
+    # Class 0: √(1e40 + 1e-40) = 1e20 in float32; class 1: 2e20. Exact as above.
+    np.testing.assert_array_equal(state.cumulative_norms, np.float32([1e20, 2e20]))
+    np.testing.assert_array_equal(state.class_scale, [1.0, 0.5])
+
+
+class DiagnosticsTest(chex.TestCase):
+  """What per-class diagnostics read from the state: Σh and the factors of the last step."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_last_factors_and_kd_norms_come_back_from_the_state(self):
+    old = np.array([1, 1, 1, 1, 0, 0, 0, 0, 0], bool)
+    new = np.array([0, 0, 0, 0, 1, 1, 1, 0, 0], bool)
+    gamma = float(np.exp(-0.8))
+    tx = gr_jax.gradient_reweighting(select_classifier)
+    update = self.variant(functools.partial(tx.update, old_classes=old, new_classes=new,
+                                            gamma=gamma))
+    params, _, _ = dgr_inputs(30, num_classes=9)
+    state = tx.init(params)
+    kd_norm_sum = np.zeros(9)
+    for step in range(4):
+      _, grads, kd = dgr_inputs(30 + 2 * step, num_classes=9, scale=np.geomspace(0.01, 10, 9))
+      _, state = update(grads, state, kd_updates=kd)
+      kd_norm_sum += np.where(old, np.linalg.norm(np.asarray(kd["classifier"]["kernel"],
+                                                             np.float64), axis=0), 0.0)
+      factors = gr_jax.reweighting_factors(state.cumulative_norms, old, new, gamma)
+      # The same function on the same Φ: the same bits, jitted update or not.
+      np.testing.assert_array_equal(factors.class_scale, state.class_scale)
+    np.testing.assert_array_equal(factors.alpha * np.where(old, factors.r_old, factors.r_new),
+                                  factors.class_scale)
+    # Σ of 4 float32 norms of 6 values: ~10 roundings of 2^-24 each per norm, 4 sums.
+    np.testing.assert_allclose(state.cumulative_kd_norms, kd_norm_sum, rtol=16 * 2.0**-24)
+    # A step without kd_updates adds nothing.
+    _, grads, _ = dgr_inputs(50, num_classes=9)
+    _, after = update(grads, state)
+    np.testing.assert_array_equal(after.cumulative_kd_norms, state.cumulative_kd_norms)
+    np.testing.assert_array_equal(tx.init(params).cumulative_kd_norms, np.zeros(9))
+
+
 class SelectorTest(chex.TestCase, parameterized.TestCase):
   """``classifier=`` takes what optax.masked takes as a mask, whatever the dict container type."""
 
@@ -373,7 +472,7 @@ class SelectorTest(chex.TestCase, parameterized.TestCase):
       too_deep.init(params)
 
 
-class CompositionTest(chex.TestCase):
+class CompositionTest(chex.TestCase, parameterized.TestCase):
 
   def test_inject_hyperparams_with_static_classifier_matches_plain(self):
     params, grads, kd = flax_params_and_grads()
@@ -385,12 +484,32 @@ class CompositionTest(chex.TestCase):
     chex.assert_trees_all_equal(out, plain[0])
     chex.assert_trees_all_equal(state.inner_state, plain[1])
 
-  def test_inject_hyperparams_without_static_args_names_the_fix(self):
+  @parameterized.named_parameters(
+      # optax calls a function with the step count (a 0-d array) as if it were a schedule; mapped
+      # over that, a selector gives one bool: False selects nothing, True every leaf.
+      ("function_giving_false", lambda p: jax.tree.map(lambda x: x.ndim == 2, p)),
+      ("function_giving_true", lambda p: jax.tree_util.tree_map_with_path(
+          lambda path, _: "backbone" not in jax.tree_util.keystr(path), p)),
+      # An array is taken for a numeric hyperparameter and comes back as a jax array.
+      ("array_mask", np.asarray(True)),
+  )
+  def test_inject_hyperparams_without_static_args_names_the_fix(self, classifier):
     params, _, _ = flax_params_and_grads()
-    # optax calls the function with the step count as if it were a schedule.
-    select = lambda p: jax.tree.map(lambda x: x.ndim == 2, p)
     with self.assertRaisesRegex(ValueError, r"static_args=\('classifier',\)"):
-      optax.inject_hyperparams(gr_jax.gradient_reweighting)(classifier=select).init(params)
+      optax.inject_hyperparams(gr_jax.gradient_reweighting)(classifier=classifier).init(params)
+
+  def test_single_bool_classifier_names_none(self):
+    with self.assertRaisesRegex(ValueError, "classifier=True, a single value.*classifier=None"):
+      gr_jax.gradient_reweighting(True)
+
+  def test_inject_hyperparams_takes_a_mask_without_static_args(self):
+    """A mask (not callable, not numeric) reaches the transform unchanged: no static_args needed."""
+    params, grads, kd = flax_params_and_grads()
+    mask = {"params": {"backbone": False, "head": True}}
+    plain = two_dgr_steps(gr_jax.gradient_reweighting(mask), params, grads, kd)
+    out, state = two_dgr_steps(
+        optax.inject_hyperparams(gr_jax.gradient_reweighting)(classifier=mask), params, grads, kd)
+    chex.assert_trees_all_equal((out, state.inner_state), plain)
 
   def test_masked_without_compatible_extra_args_names_the_flag(self):
     params, grads, kd = flax_params_and_grads()
