@@ -120,6 +120,23 @@ def forgetting(acc: np.ndarray) -> np.ndarray:
   return out
 
 
+def class_forgetting(acc: np.ndarray) -> np.ndarray:
+  """Per-class forgetting ``f[t, k] = max_{t' < t} acc[t', k] − acc[t, k]`` over an accuracy
+  matrix ``[T, K]`` that is NaN where class (or task) k was not seen yet.
+
+  The column-wise form of :func:`forgetting`: earlier phases where k was unseen are skipped, and
+  f is NaN in the phase a class arrives (nothing earlier to forget) and wherever acc is NaN. On a
+  square task matrix (NaN above the diagonal) it equals :func:`forgetting`; on per-class
+  accuracies it shows which classes forget, e.g. those that lost most training data to the memory.
+  """
+  acc = np.asarray(acc, np.float64)
+  best = np.full_like(acc, np.nan)
+  if acc.shape[0] > 1:
+    # Running max over the earlier phases; fmax skips NaN unless both sides are NaN.
+    best[1:] = np.fmax.accumulate(acc[:-1], axis=0)
+  return best - acc
+
+
 def shot_groups(train_counts: np.ndarray) -> dict[str, np.ndarray]:
   """Bool masks over classes: many (> 100 training images), medium (20..100), few (< 20)."""
   counts = np.asarray(train_counts).reshape(-1)

@@ -5,6 +5,11 @@ Each input is ``label=path`` to a ``results.json`` (one run, several seeds, or p
 ``launch/combine_seeds.py``). The curve is the TAg accuracy A_t after each phase (mean over the
 seeds); with several seeds a band shows ± one standard deviation over them. The legend gives the
 average incremental accuracy (mean ± std) and the seed count.
+
+With ``--diagnostics`` each input is ``label=<run workdir>`` (or its ``diagnostics.npz``) and the
+figure puts the runs' diagnostics panels side by side, one column per run (gr_jax.diagnostics:
+weight norms, Φ vs N_c, forgetting vs lost data, r and β per phase), e.g.
+``python launch/plot_results.py --diagnostics --out=diag.png DGR=runs/a finetune=runs/b``.
 """
 
 import os
@@ -20,6 +25,11 @@ from gr_jax import report
 
 _OUT = flags.DEFINE_string("out", None, "PNG to write.")
 _TITLE = flags.DEFINE_string("title", "TAg accuracy after each phase", "Figure title.")
+_DIAGNOSTICS = flags.DEFINE_bool(
+    "diagnostics", False, "Draw the runs' diagnostics panels side by side; each input is "
+    "label=<run workdir> holding diagnostics.npz.")
+_PHASE = flags.DEFINE_integer(
+    "phase", None, "With --diagnostics: the phase of the Φ vs N_c panel (default: the last).")
 flags.mark_flag_as_required("out")
 
 
@@ -30,25 +40,44 @@ def _curves(results):
   return acc.mean(axis=0), acc.std(axis=0), len(per_seed)
 
 
-def main(argv):
-  inputs = argv[1:]
-  unlabelled = [a for a in inputs if "=" not in a]
-  if not inputs or unlabelled:
-    raise SystemExit("error: give each run as label=path/to/results.json (or label=<run workdir>)"
-                     + (f"; no label in {unlabelled[0]!r}" if unlabelled else ""))
+def _figure(size):
+  """A matplotlib Figure on an Agg canvas (no pyplot: no global state, no backend switching)."""
   from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
-  from matplotlib.ticker import MaxNLocator  # pylint: disable=g-import-not-at-top
-  fig = Figure(figsize=(7.5, 4.5))
+  fig = Figure(figsize=size)
   FigureCanvasAgg(fig)
-  ax = fig.subplots()
-  runs = []
-  for item in inputs:
-    label, path = item.split("=", 1)
+  return fig
+
+
+def _load_diagnostics(path):
+  """A run's diagnostics (gr_jax imported here: the accuracy plot needs no JAX)."""
+  from gr_jax import diagnostics  # pylint: disable=g-import-not-at-top
+  diag = diagnostics.load(path)
+  if diag is None:
+    raise ValueError(f"{path}: no {diagnostics.DIAGNOSTICS_FILE}; give the workdir of a run that "
+                     "recorded diagnostics")
+  return diag
+
+
+def _draw_diagnostics(runs):
+  """One column of diagnostics panels per run; rows share their y-axis so runs compare."""
+  from gr_jax import diagnostics  # pylint: disable=g-import-not-at-top
+  fig = _figure((6 * len(runs), 16))
+  axes = fig.subplots(4, len(runs), squeeze=False, sharey="row")
+  for column, (label, diag) in enumerate(runs):
     try:
-      runs.append((label, report.load_results(path)))
+      diagnostics.draw_panels(axes[:, column], diag, _PHASE.value, label)
     except ValueError as e:
-      raise SystemExit(f"error: {e}") from None
+      raise SystemExit(f"error: {label}: {e}") from None
+  if _TITLE.present:
+    fig.suptitle(_TITLE.value)
+  return fig
+
+
+def _draw_accuracy(runs):
+  from matplotlib.ticker import MaxNLocator  # pylint: disable=g-import-not-at-top
+  fig = _figure((7.5, 4.5))
+  ax = fig.subplots()
   for label, results in runs:
     mean, std, seeds = _curves(results)
     phases = np.arange(mean.size)
@@ -64,6 +93,25 @@ def main(argv):
   ax.set_title(_TITLE.value)
   ax.grid(alpha=0.3)
   ax.legend()
+  return fig
+
+
+def main(argv):
+  inputs = argv[1:]
+  unlabelled = [a for a in inputs if "=" not in a]
+  if not inputs or unlabelled:
+    expected = "<run workdir>" if _DIAGNOSTICS.value else "path/to/results.json (or <run workdir>)"
+    raise SystemExit(f"error: give each run as label={expected}"
+                     + (f"; no label in {unlabelled[0]!r}" if unlabelled else ""))
+  load = _load_diagnostics if _DIAGNOSTICS.value else report.load_results
+  runs = []
+  for item in inputs:
+    label, path = item.split("=", 1)
+    try:
+      runs.append((label, load(path)))
+    except ValueError as e:
+      raise SystemExit(f"error: {e}") from None
+  fig = (_draw_diagnostics if _DIAGNOSTICS.value else _draw_accuracy)(runs)
   fig.tight_layout()
   os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
   fig.savefig(_OUT.value, dpi=100)
