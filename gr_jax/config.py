@@ -29,8 +29,8 @@ KDS = ("dakd", "plain", "none")
 DTYPES = ("float32", "bfloat16")
 
 # Entries that change how a run is observed, resumed or spread over devices, not what it computes.
-OBSERVATION_KEYS = ("checkpoint", "num_devices", "eval_chunk", "epoch_as_scan",
-                    "compilation_cache_dir")
+OBSERVATION_KEYS = ("checkpoint", "num_devices", "eval_chunk", "epoch_as_scan", "epochs_per_call",
+                    "compilation_cache_dir", "diagnostics")
 # Which seeds a run trains: runs that differ only here pool into one mean ± std.
 SEED_KEYS = ("seed", "seeds")
 # Entries of ``config.data`` that say where the data lives, not what it holds. Checkpoints key the
@@ -81,7 +81,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.num_devices = config_dict.placeholder(int)  # None: all local devices (data parallel)
   c.eval_chunk = 500         # test / herding images per compiled call
   c.epoch_as_scan = "auto"   # one lax.scan per epoch (auto: on GPU/TPU; XLA:CPU loops are slow)
-  c.checkpoint = ml_collections.ConfigDict(dict(every_epochs=10, keep=3))
+  # Epochs per compiled call: the host reads metrics and may checkpoint only between calls.
+  c.epochs_per_call = 10
+  # Checkpoints: at every phase end, after the first call that ends every_seconds after the last
+  # save, and on SIGTERM / SIGINT (then the run stops); saves are written in the background.
+  c.checkpoint = ml_collections.ConfigDict(dict(every_seconds=300.0, keep=3))
+  c.diagnostics = True  # per-class diagnostics.npz / diagnostics.png and diag/* scalars
   # Persistent XLA compilation cache (launch/run.py): reruns and other seeds of a config load the
   # compiled programs instead of compiling them again. None turns it off; the environment variable
   # JAX_COMPILATION_CACHE_DIR, if set, takes precedence.
@@ -116,7 +121,6 @@ def imagenet_style(c: ml_collections.ConfigDict) -> None:
   c.optim.epochs = 90
   c.optim.milestones = (30, 60)
   c.optim.weight_decay = 1e-4
-  c.checkpoint.every_epochs = 5
 
 
 def smoke(c: ml_collections.ConfigDict) -> None:
@@ -128,7 +132,6 @@ def smoke(c: ml_collections.ConfigDict) -> None:
   c.protocol.max_test_per_class = 10
   c.protocol.val_fraction = 0.0
   c.memory.per_class = 5
-  c.checkpoint.every_epochs = 1
   if c.model == "resnet32":
     c.model = "resnet8"
   if c.augment == "imagenet":  # ResNet-18 on 32 px images: the pipeline at CPU cost
@@ -230,8 +233,11 @@ def validate(config) -> None:
   _require_int(config, "memory.per_class", "the exemplar budget must be a positive integer "
                "(images kept per old class, 20 in the paper)")
   _check_optimiser(config)
-  _require_int(config, "checkpoint.every_epochs", "must be an integer >= 1 (epochs between "
-               "checkpoints; phase ends always save)")
+  _require_int(config, "epochs_per_call", "must be an integer >= 1 (epochs per compiled call)")
+  every = config.checkpoint.every_seconds
+  if isinstance(every, bool) or not isinstance(every, (int, float)) or not every >= 0:
+    raise ValueError(f"config.checkpoint.every_seconds={every!r}: must be a number >= 0 (seconds "
+                     "between checkpoints within a phase; 0 saves after every call)")
   _require_int(config, "checkpoint.keep", "must be an integer >= 1 (checkpoints kept; with none a "
                "run cannot resume)")
   seeds(config)

@@ -48,6 +48,7 @@ class RunState:
     memory: int32 ``[C, M]`` exemplar memory as indices into the training set, −1 = empty slot.
     correct_tag: int32 ``[T, C]`` test images classified correctly after each phase (task-agnostic).
     correct_taw: int32 ``[T, C]`` the same with the task known (argmax inside the task).
+    phase_stats: sums over the current phase's steps for its diagnostics (:func:`phase_stats`).
   """
   train: TrainState
   teacher_params: Any
@@ -58,6 +59,17 @@ class RunState:
   memory: jax.Array
   correct_tag: jax.Array
   correct_taw: jax.Array
+  phase_stats: dict[str, jax.Array]
+
+
+def phase_stats(num_classes: int) -> dict[str, jax.Array]:
+  """Empty sums over a phase's steps: the step count, the classifier's CE gradient-row norms
+  (Φ of every class, also without reweighting) and β's sum, minimum and maximum."""
+  return {"steps": jnp.zeros((), jnp.float32),
+          "class_grad_norms": jnp.zeros((num_classes,), jnp.float32),
+          "gr_beta_sum": jnp.zeros((), jnp.float32),
+          "gr_beta_min": jnp.full((), jnp.inf, jnp.float32),
+          "gr_beta_max": jnp.full((), -jnp.inf, jnp.float32)}
 
 
 def init_variables(model: nn.Module, key: jax.Array, input_shape: tuple[int, ...]) -> tuple[Any, Any]:
@@ -82,4 +94,5 @@ def create_run_state(model: nn.Module, tx: optax.GradientTransformation, key: ja
       epoch=jnp.zeros((), jnp.int32),
       memory=jnp.full((num_classes, memory_per_class), -1, jnp.int32),
       correct_tag=jnp.zeros((num_phases, num_classes), jnp.int32),
-      correct_taw=jnp.zeros((num_phases, num_classes), jnp.int32))
+      correct_taw=jnp.zeros((num_phases, num_classes), jnp.int32),
+      phase_stats=phase_stats(num_classes))

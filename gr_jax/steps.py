@@ -115,7 +115,11 @@ def _gradients(model, method: Method, incremental: bool, params, batch_stats, te
       kd_grads = {"backbone": jax.tree.map(jnp.zeros_like, g_backbone), "classifier": g_head_kd}
     else:
       grads["classifier"] = jax.tree.map(jnp.add, g_head_ce, g_head_kd)
-  return grads, kd_grads, new_stats, {"loss_ce": ce, "loss_kd": kd}
+  # The classifier's CE gradient-row norms (float32 [C]): what the reweighting accumulates as Φ;
+  # recorded for every method, so that a run without reweighting shows its update imbalance too.
+  class_grad_norm = jnp.sqrt(jnp.sum(jnp.square(g_head_ce["kernel"].astype(jnp.float32)), axis=0))
+  return grads, kd_grads, new_stats, {"loss_ce": ce, "loss_kd": kd,
+                                      "class_grad_norm": class_grad_norm}
 
 
 
@@ -136,7 +140,9 @@ def train_step(state: TrainState, batch: Batch, key: jax.Array, teacher, consts:
   apart, one backbone backward pass → the optimiser (GR/DGR, weight decay, SGD).
 
   ``teacher`` is ``(params, batch_stats)`` of the previous phase's model (unused in phase 0).
-  Returns the new state and the batch's mean losses and real-row count (``examples``).
+  Returns the new state and the batch's metrics: mean losses, real-row count (``examples``), the
+  classifier's CE gradient-row norms (``class_grad_norm`` [C]) and, with reweighting, the step's β
+  (``gr_beta``).
   """
   x = augment(key, batch.images)
   grads, kd_grads, batch_stats, m = _gradients(
@@ -146,7 +152,11 @@ def train_step(state: TrainState, batch: Batch, key: jax.Array, teacher, consts:
                                  **_reweighting_args(method, incremental, consts, kd_grads))
   state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                         batch_stats=batch_stats, opt_state=opt_state)
-  return state, dict(m, examples=jnp.sum(batch.mask).astype(jnp.float32))
+  m["examples"] = jnp.sum(batch.mask).astype(jnp.float32)
+  gr_state = optim.reweighting_state(opt_state)
+  if gr_state is not None:
+    m["gr_beta"] = gr_state.kd_scale
+  return state, m
 
 
 def _with_learning_rate(opt_state, learning_rate):
@@ -156,16 +166,19 @@ def _with_learning_rate(opt_state, learning_rate):
       opt_state.hyperparams, learning_rate=jnp.asarray(learning_rate, rate.dtype)))
 
 
-_SUMS = ("loss_ce", "loss_kd", "examples")
-
-
 def _epoch_start(state: TrainState, key, learning_rate, size, capacity: int):
   """Sets the epoch's lr, draws its example order (real rows first) and augmentation key."""
   state = state.replace(opt_state=_with_learning_rate(state.opt_state, learning_rate))
   order_key, aug_key = jax.random.split(key)
   position = jnp.arange(capacity)
   order = jnp.argsort(jnp.where(position < size, jax.random.uniform(order_key, (capacity,)), 2.0))
-  return (state, {k: jnp.zeros(()) for k in _SUMS}), order, aug_key
+  num_classes = state.params["classifier"]["bias"].shape[-1]
+  sums = {"loss_ce": jnp.zeros(()), "loss_kd": jnp.zeros(()), "examples": jnp.zeros(()),
+          "steps": jnp.zeros(()), "class_grad_norms": jnp.zeros((num_classes,))}
+  if optim.reweighting_state(state.opt_state) is not None:
+    sums.update(gr_beta_sum=jnp.zeros(()), gr_beta_min=jnp.full((), jnp.inf),
+                gr_beta_max=jnp.full((), -jnp.inf))
+  return (state, sums), order, aug_key
 
 
 def _epoch_step(carry, i, order, aug_key, teacher, data: PhaseData, consts: PhaseConstants, *,
@@ -182,20 +195,32 @@ def _epoch_step(carry, i, order, aug_key, teacher, data: PhaseData, consts: Phas
   state, m = train_step(state, batch, jax.random.fold_in(aug_key, i), teacher, consts,
                         **step_kwargs)
   n = m["examples"]
-  return state, {"loss_ce": sums["loss_ce"] + n * m["loss_ce"],
-                 "loss_kd": sums["loss_kd"] + n * m["loss_kd"], "examples": sums["examples"] + n}
+  out = {"loss_ce": sums["loss_ce"] + n * m["loss_ce"],
+         "loss_kd": sums["loss_kd"] + n * m["loss_kd"], "examples": sums["examples"] + n,
+         "steps": sums["steps"] + 1,
+         "class_grad_norms": sums["class_grad_norms"] + m["class_grad_norm"]}
+  if "gr_beta" in m:
+    out.update(gr_beta_sum=sums["gr_beta_sum"] + m["gr_beta"],
+               gr_beta_min=jnp.minimum(sums["gr_beta_min"], m["gr_beta"]),
+               gr_beta_max=jnp.maximum(sums["gr_beta_max"], m["gr_beta"]))
+  return state, out
 
 
 def _epoch_end(carry, consts: PhaseConstants):
-  """Example-weighted mean losses; β and the smallest class scale of the last step."""
+  """The epoch's metrics: example-weighted mean losses, the step count, the sums of the classifier's
+  CE gradient-row norms over its steps; with reweighting β (the last step's, and its mean, min and
+  max over the steps) and the last step's smallest class scale."""
   state, sums = carry
   examples = jnp.maximum(sums["examples"], 1.0)
   out = {"loss_ce": sums["loss_ce"] / examples, "loss_kd": sums["loss_kd"] / examples,
-         "examples": sums["examples"]}
+         "examples": sums["examples"], "steps": sums["steps"],
+         "class_grad_norms": sums["class_grad_norms"]}
   out["loss"] = out["loss_ce"] + out["loss_kd"]
   gr_state = optim.reweighting_state(state.opt_state)
   if gr_state is not None:
     out["gr_beta"] = gr_state.kd_scale
+    out["gr_beta_mean"] = sums["gr_beta_sum"] / jnp.maximum(sums["steps"], 1.0)
+    out["gr_beta_min"], out["gr_beta_max"] = sums["gr_beta_min"], sums["gr_beta_max"]
     seen = consts.old_classes | consts.new_classes
     out["gr_scale_min"] = jnp.min(jnp.where(seen, gr_state.class_scale, jnp.inf))
   return state, out

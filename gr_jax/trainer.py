@@ -10,6 +10,8 @@ programs; ``workdir/results.json`` then pools them (mean ± std).
 import dataclasses
 import json
 import os
+import signal
+import threading
 import time
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -23,6 +25,7 @@ import optax
 
 from gr_jax import checkpoint as ckpt
 from gr_jax import config as config_lib
+from gr_jax import diagnostics
 from gr_jax import exemplars
 from gr_jax import metrics
 from gr_jax import models
@@ -271,7 +274,8 @@ def _finish_phase(exp: Experiment, run: state_lib.RunState, phase: int) -> state
       # Copies: the train step donates params and batch stats, the teacher must survive it.
       teacher_params=jax.tree.map(jnp.copy, train.params),
       teacher_batch_stats=jax.tree.map(jnp.copy, train.batch_stats),
-      phase=run.phase + 1, epoch=jnp.zeros_like(run.epoch))
+      phase=run.phase + 1, epoch=jnp.zeros_like(run.epoch),
+      phase_stats=parallel.replicate(state_lib.phase_stats(exp.plan.num_classes), exp.mesh))
   if phase + 1 < exp.plan.num_phases:
     start, stop = exp.plan.class_range(phase + 1)
     position = np.arange(exp.plan.num_classes)
@@ -296,53 +300,170 @@ def _phase_accuracy(exp: Experiment, run: state_lib.RunState, phase: int) -> dic
           "eval/acc_tag_weighted": 100 * float(correct[:stop].sum() / max(1, num_test[:stop].sum()))}
 
 
-def _train_phase(exp: Experiment, run: state_lib.RunState, phase: int, checkpointer, writer,
-                 elapsed: Callable[[], float], on_epoch: Optional[EpochHook]):
-  """The epochs of ``phase`` not yet done, in compiled chunks up to the next checkpoint."""
-  optim_config, every = exp.config.optim, exp.config.checkpoint.every_epochs
-  epochs = optim_config.epochs
-  fns = exp.incremental_steps if phase else exp.base_steps
-  tic = time.time()
-  _log_phase_data(exp.plan, phase, exp.config.memory.per_class)
-  data, consts = phase_data(exp, run, phase), constants(exp, phase)
-  # Where this phase's time goes, in this process (a resumed phase counts its epochs since).
-  timing = {"time/phase_data_s": time.time() - tic, "time/train_s": 0.0, "time/checkpoint_s": 0.0}
-  teacher = (run.teacher_params, run.teacher_batch_stats)
-  steps_per_epoch = ceil_div(int(data.size), optim_config.batch_size)
-  while int(run.epoch) < epochs:
-    epoch = int(run.epoch)
-    count = min(every - epoch % every, epochs - epoch)
-    lrs = [_learning_rate(optim_config, e) for e in range(epoch, epoch + count)]
-    tic = time.time()
-    train, chunk = fns.train_epochs(run.train, teacher, data, consts,
-                                    _epoch_keys(run.key, phase, epoch, count),
-                                    jnp.asarray(lrs, jnp.float32))
-    chunk = jax.tree.map(np.asarray, chunk)  # [count] each
-    seconds = time.time() - tic
+class Stopped(Exception):
+  """The run stopped on SIGTERM / SIGINT after saving a checkpoint; the same command resumes it."""
+
+  def __init__(self, signum: int, directory: str, phase: int, epoch: int):
+    self.signum = signum
+    super().__init__(f"stopped by {signal.Signals(signum).name} in phase {phase} after epoch "
+                     f"{epoch}; checkpoint saved in {directory}: rerun the same command to resume")
+
+
+class _Signals:
+  """While entered (in the main thread), SIGTERM and SIGINT are remembered instead of killing the
+  process, so the loop can save and stop between two compiled calls; a second one stops at once."""
+
+  def __init__(self):
+    self.received = None
+    self._previous = {}
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.received is not None:
+      raise KeyboardInterrupt
+    logging.warning("%s received: saving a checkpoint after the current call, then stopping",
+                    signal.Signals(signum).name)
+    self.received = signum
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+class _Chunk(NamedTuple):
+  """A compiled call's epochs, dispatched; its metrics are read when the next call is on its way."""
+  epoch: int
+  learning_rates: list[float]
+  metrics: dict[str, jax.Array]  # [count] per entry (class_grad_norms [count, C])
+  dispatched: float
+
+
+@dataclasses.dataclass
+class _SeedLoop:
+  """The phase loop of one seed: dispatch, metrics, the save policy, signals and diagnostics."""
+  exp: Experiment
+  checkpointer: ckpt.Checkpointer
+  writer: Any
+  elapsed: Callable[[], float]
+  on_epoch: Optional[EpochHook]
+  signals: _Signals
+  diag: Optional[dict[str, np.ndarray]] = None
+  last_save: float = dataclasses.field(default_factory=time.time)
+  last_fetch: float = 0.0
+
+  def _record(self, phase: int, chunk: _Chunk, stats: dict[str, np.ndarray], timing):
+    """Reads a finished call's metrics: checks the loss, writes the epochs' scalars, adds the
+    call's steps to the phase's sums."""
+    m = jax.tree.map(np.asarray, chunk.metrics)
+    now = time.time()
+    seconds = now - max(chunk.dispatched, self.last_fetch)
+    self.last_fetch = now
     timing["time/train_s"] += seconds
-    if not np.all(np.isfinite(chunk["loss"])):
-      bad = epoch + int(np.argmax(~np.isfinite(chunk["loss"])))
+    if not np.all(np.isfinite(m["loss"])):
+      bad = chunk.epoch + int(np.argmax(~np.isfinite(m["loss"])))
       raise FloatingPointError(
-          f"non-finite loss in phase {phase}, epoch {bad} (lr {_learning_rate(optim_config, bad)}); "
-          f"the last good checkpoint in {checkpointer.directory} is intact. Start over in a new "
-          "--workdir with a lower config.optim.learning_rate (a workdir resumes only the config it "
-          "was started with), or fix the input data and rerun to resume.")
-    run = run.replace(train=train, epoch=run.epoch + count)
-    first_step = int(train.step) - count * steps_per_epoch
-    for i in range(count):
-      scalars = {f"train/{k}": float(v[i]) for k, v in chunk.items() if k != "examples"}
-      scalars.update({"train/lr": lrs[i],
-                      "train/images_per_s": float(chunk["examples"].sum()) / max(seconds, 1e-9)})
-      writer.write_scalars(first_step + (i + 1) * steps_per_epoch, scalars, phase=phase,
-                           epoch=epoch + i)
-      if on_epoch is not None:
-        on_epoch({"phase": phase, "epoch": epoch + i, "epochs": epochs,
-                  "phases": exp.plan.num_phases, **scalars})
-    if epoch + count < epochs:
-      tic = time.time()
-      checkpointer.save(phase * (epochs + 1) + epoch + count, run, elapsed())
-      timing["time/checkpoint_s"] += time.time() - tic
-  return run, timing
+          f"non-finite loss in phase {phase}, epoch {bad} (lr "
+          f"{_learning_rate(self.exp.config.optim, bad)}); the last good checkpoint in "
+          f"{self.checkpointer.directory} is intact. Start over in a new --workdir with a lower "
+          "config.optim.learning_rate (a workdir resumes only the config it was started with), or "
+          "fix the input data and rerun to resume.")
+    steps_per_epoch = int(m["steps"][0])
+    last_step = int(stats["step"])
+    for i, lr in enumerate(chunk.learning_rates):
+      scalars = {f"train/{k}": float(v[i]) for k, v in m.items()
+                 if k not in ("examples", "steps", "class_grad_norms")}
+      scalars.update({"train/lr": lr, "train/images_per_s": float(m["examples"].sum()) / seconds})
+      self.writer.write_scalars(last_step + (i + 1) * steps_per_epoch, scalars, phase=phase,
+                                epoch=chunk.epoch + i)
+      if self.on_epoch is not None:
+        self.on_epoch({"phase": phase, "epoch": chunk.epoch + i,
+                       "epochs": self.exp.config.optim.epochs,
+                       "phases": self.exp.plan.num_phases, **scalars})
+    stats = dict(stats, step=last_step + len(chunk.learning_rates) * steps_per_epoch,
+                 steps=stats["steps"] + m["steps"].sum(),
+                 class_grad_norms=stats["class_grad_norms"] + m["class_grad_norms"].sum(0))
+    if "gr_beta_mean" in m:
+      stats.update(gr_beta_sum=stats["gr_beta_sum"] + (m["gr_beta_mean"] * m["steps"]).sum(),
+                   gr_beta_min=np.minimum(stats["gr_beta_min"], m["gr_beta_min"].min()),
+                   gr_beta_max=np.maximum(stats["gr_beta_max"], m["gr_beta_max"].max()))
+    return stats
+
+  def _save(self, run: state_lib.RunState, number: int, timing) -> None:
+    tic = time.time()
+    self.checkpointer.save(number, run, self.elapsed())
+    self.last_save = time.time()
+    timing["time/checkpoint_s"] += self.last_save - tic
+
+  def train_phase(self, run: state_lib.RunState, phase: int):
+    """The epochs of ``phase`` not yet done, in compiled calls of ``config.epochs_per_call``."""
+    exp = self.exp
+    cfg = exp.config
+    epochs, per_call = cfg.optim.epochs, cfg.epochs_per_call
+    fns = exp.incremental_steps if phase else exp.base_steps
+    tic = time.time()
+    _log_phase_data(exp.plan, phase, cfg.memory.per_class)
+    data, consts = phase_data(exp, run, phase), constants(exp, phase)
+    # Where this phase's time goes, in this process (a resumed phase counts its epochs since).
+    timing = {"time/phase_data_s": time.time() - tic, "time/train_s": 0.0,
+              "time/checkpoint_s": 0.0}
+    teacher = (run.teacher_params, run.teacher_batch_stats)
+    stats = dict(jax.tree.map(np.asarray, run.phase_stats), step=int(run.train.step))
+    to_state = lambda stats: parallel.replicate(
+        jax.tree.map(jnp.asarray, {k: v for k, v in stats.items() if k != "step"}), exp.mesh)
+    epoch, pending = int(run.epoch), None
+    while epoch < epochs:
+      count = min(per_call - epoch % per_call, epochs - epoch)
+      lrs = [_learning_rate(cfg.optim, e) for e in range(epoch, epoch + count)]
+      train, metrics = fns.train_epochs(run.train, teacher, data, consts,
+                                        _epoch_keys(run.key, phase, epoch, count),
+                                        jnp.asarray(lrs, jnp.float32))
+      run = run.replace(train=train)
+      if pending is not None:  # finished: the call just dispatched depends on it
+        stats = self._record(phase, pending, stats, timing)
+      pending = _Chunk(epoch, lrs, metrics, time.time())
+      epoch += count
+      if epoch < epochs and (self.signals.received is not None or
+                             time.time() - self.last_save >= cfg.checkpoint.every_seconds):
+        stats, pending = self._record(phase, pending, stats, timing), None
+        run = run.replace(epoch=jnp.int32(epoch), phase_stats=to_state(stats))
+        self._save(run, phase * (epochs + 1) + epoch, timing)
+        if self.signals.received is not None:
+          raise Stopped(self.signals.received, self.checkpointer.directory, phase, epoch - 1)
+    if pending is not None:
+      stats = self._record(phase, pending, stats, timing)
+    return run.replace(epoch=jnp.int32(epoch), phase_stats=to_state(stats)), consts, timing
+
+  def end_phase(self, run: state_lib.RunState, phase: int, consts, timing):
+    """Memory, evaluation, the phase's diagnostics and scalars, the phase-end checkpoint."""
+    exp = self.exp
+    tic = time.time()
+    head = jax.device_get(run.train.params["classifier"])
+    gr_state = jax.device_get(optim.reweighting_state(run.train.opt_state))
+    stats = jax.device_get(run.phase_stats)
+    run = jax.block_until_ready(_finish_phase(exp, run, phase))
+    timing["time/phase_end_s"] = time.time() - tic
+    self._save(run, (phase + 1) * (exp.config.optim.epochs + 1), timing)
+    scalars = {**_phase_accuracy(exp, run, phase), **timing}
+    if exp.config.diagnostics:
+      record = diagnostics.phase_record(
+          jax.device_get(consts), exp.plan.train_counts, head,
+          np.asarray(run.correct_tag[phase]), exp.test.num_test, reweight_state=gr_state,
+          kd_scale_stats=None if gr_state is None else diagnostics.KDScaleStats(
+              stats["gr_beta_sum"] / max(stats["steps"], 1), stats["gr_beta_min"],
+              stats["gr_beta_max"]),
+          cumulative_grad_norms=stats["class_grad_norms"] if gr_state is None else None)
+      self.diag = diagnostics.append(self.diag, phase, record)
+      scalars.update(diagnostics.tensorboard_scalars(record))
+      if jax.process_index() == 0:
+        diagnostics.save(self.checkpointer.directory.rsplit(os.sep, 1)[0], self.diag)
+    self.writer.write_scalars(int(run.train.step), scalars, phase=phase)
+    return run
 
 
 def _results(exp: Experiment, run: state_lib.RunState, config, wall_time_s: float):
@@ -360,7 +481,12 @@ def _results(exp: Experiment, run: state_lib.RunState, config, wall_time_s: floa
 
 def run_seed(exp: Experiment, config: ml_collections.ConfigDict, workdir: str,
              on_epoch: Optional[EpochHook] = None) -> dict[str, Any]:
-  """Runs (or resumes) the protocol for ``config.seed`` in ``workdir``; returns its results."""
+  """Runs (or resumes) the protocol for ``config.seed`` in ``workdir``; returns its results.
+
+  Raises:
+    Stopped: on SIGTERM / SIGINT, after saving a checkpoint.
+    FloatingPointError: on a non-finite loss; the last good checkpoint stays.
+  """
   os.makedirs(workdir, exist_ok=True)
   checkpointer = ckpt.Checkpointer(workdir, config.to_dict(), exp.data_digest,
                                    keep=config.checkpoint.keep)
@@ -377,27 +503,23 @@ def run_seed(exp: Experiment, config: ml_collections.ConfigDict, workdir: str,
       json.dump(config.to_dict(), f, indent=2, default=str)
   started = time.time()
   elapsed = lambda: wall_offset + time.time() - started
-  epochs = config.optim.epochs
   try:
     with (report.MetricWriter(workdir, resume_step=int(run.train.step)) if lead
-          else report.NullWriter()) as writer:
+          else report.NullWriter()) as writer, _Signals() as signals:
+      loop = _SeedLoop(exp, checkpointer, writer, elapsed, on_epoch, signals,
+                       diag=diagnostics.load(workdir) if config.diagnostics else None)
       while int(run.phase) < exp.plan.num_phases:
         phase = int(run.phase)
-        run, timing = _train_phase(exp, run, phase, checkpointer, writer, elapsed, on_epoch)
-        tic = time.time()
-        run = jax.block_until_ready(_finish_phase(exp, run, phase))
-        timing["time/phase_end_s"] = time.time() - tic
-        tic = time.time()
-        checkpointer.save((phase + 1) * (epochs + 1), run, elapsed())
-        timing["time/checkpoint_s"] += time.time() - tic
-        writer.write_scalars(int(run.train.step), {**_phase_accuracy(exp, run, phase), **timing},
-                             phase=phase)
+        run, consts, timing = loop.train_phase(run, phase)
+        run = loop.end_phase(run, phase, consts, timing)
   finally:
     checkpointer.close()
   results = _results(exp, run, config, elapsed())
   if lead:
     report.write_results(workdir, results)
     report.plot_results(workdir, results, list(exp.plan.train_counts))
+    if loop.diag is not None:
+      diagnostics.plot_diagnostics(workdir, loop.diag)
   return results
 
 

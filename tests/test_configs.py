@@ -34,11 +34,15 @@ def test_unknown_preset_is_refused_with_the_known_ones():
     cifar100_lt.get_config("lfs21")
 
 
-@pytest.mark.parametrize("key,value", [("every_epochs", 0), ("keep", 0), ("keep", -1)])
-def test_checkpoint_settings_that_would_crash_or_stop_resuming_are_refused(key, value):
+@pytest.mark.parametrize("key,value,says", [
+    ("checkpoint.keep", 0, "must be an integer >= 1"), ("checkpoint.keep", -1, "must be an integer"),
+    ("checkpoint.every_seconds", -1.0, "must be a number >= 0"),
+    ("epochs_per_call", 0, "must be an integer >= 1")])
+def test_checkpoint_settings_that_would_crash_or_stop_resuming_are_refused(key, value, says):
   c = cifar100_lt.get_config("smoke")
-  c.checkpoint[key] = value
-  with pytest.raises(ValueError, match=rf"config.checkpoint.{key}={value!r}: must be an integer >= 1"):
+  *path, last = key.split(".")
+  (c[path[0]] if path else c)[last] = value
+  with pytest.raises(ValueError, match=rf"config.{key}={value!r}: {says}"):
     config_lib.validate(c)
 
 

@@ -195,7 +195,7 @@ def test_plot_results_script_draws_runs_with_seed_bands(tmp_path):
 def test_runs_pool_across_data_locations_but_not_across_data():
   # The same dataset read from another path, checkpointed at other intervals: same experiment.
   def run(seed, path, every=160, order=(0, 1), name='cifar100'):
-    config = {'model': 'resnet32', 'seed': seed, 'checkpoint': {'every_epochs': every},
+    config = {'model': 'resnet32', 'seed': seed, 'checkpoint': {'every_seconds': every},
               'data': {'source': 'npz', 'name': name, 'path': path, 'data_dir': ''}}
     return {'config': config, 'seeds': [seed], 'task_sizes': [5, 5], 'class_order': list(order),
             'train_counts': [3, 2], 'average_incremental_accuracy': 30.0 + seed}

@@ -50,7 +50,8 @@ def tiny_config(npz, **overrides):
   c.optim.milestones = (1,)
   c.memory.per_class = 5
   c.eval_chunk = 16
-  c.checkpoint.every_epochs = 1
+  c.epochs_per_call = 1
+  c.checkpoint.every_seconds = 0  # a checkpoint after every call (every epoch)
   for key, value in overrides.items():
     target = c
     *path, last = key.split(".")
