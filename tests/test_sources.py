@@ -1,4 +1,4 @@
-"""Dataset sources on the real shared data (npz, folder, list) and tfds (mocked, ImageFolder)."""
+"""Dataset sources on the real shared data: npz, folder, list (tfds: test_tfds.py)."""
 
 import logging
 import os
@@ -217,83 +217,3 @@ def test_list_malformed_line(tmp_path, tiny):
   (tmp_path / "test.txt").write_text(f"{p0}0\n{p1}\n")
   with pytest.raises(ValueError, match=r"test.txt, line 1"):
     sources.load_dataset("list", path=str(tmp_path))
-
-
-# --- tfds -----------------------------------------------------------------------------------------
-
-
-def test_tfds_cifar100_mocked():
-  tfds = pytest.importorskip("tensorflow_datasets")
-  with tfds.testing.mock_data(num_examples=12):
-    data = sources.load_dataset("tfds", name="cifar100")
-  assert data.name == "cifar100" and data.num_classes == 100
-  assert data.x_train.shape == (12, 32, 32, 3) and data.x_train.dtype == np.uint8
-  assert data.x_test.shape == (12, 32, 32, 3) and data.x_test.dtype == np.uint8
-  assert data.y_train.dtype == np.int32 and data.y_train.shape == (12,)
-  assert 0 <= data.y_train.min() and data.y_train.max() < 100
-  assert 0 <= data.y_test.min() and data.y_test.max() < 100
-
-
-def test_tfds_errors():
-  pytest.importorskip("tensorflow_datasets")
-  with pytest.raises(ValueError, match="unknown tfds dataset 'no_such_dataset_xyz'"):
-    sources.load_dataset("tfds", name="no_such_dataset_xyz")
-  # A near miss gets tfds's suggestion, not its list of every dataset.
-  with pytest.raises(ValueError, match="Did you mean: cifar1000 -> cifar100") as err:
-    sources.load_dataset("tfds", name="cifar1000")
-  assert len(str(err.value).splitlines()) == 1
-  with pytest.raises(ValueError, match="needs a dataset name"):
-    sources.load_dataset("tfds")
-
-
-def test_tfds_image_folder_matches_folder_source(tiny, tiny_imagenet_dir):
-  """tfds' ImageFolder on the offline copy gives the same labels, names and pixels as ``folder``."""
-  tfds = pytest.importorskip("tensorflow_datasets")
-  tf = pytest.importorskip("tensorflow")
-  builder = tfds.folder_dataset.ImageFolder(str(tiny_imagenet_dir))
-  assert builder.info.features["label"].names == list(tiny.class_names)
-  assert builder.info.splits["train"].num_examples == len(tiny.y_train)
-  assert builder.info.splits["test"].num_examples == len(tiny.y_test)
-  position = {p: i for i, p in enumerate(tiny.x_train.sources)}
-
-  # Default tfds decoding (TF's fast integer IDCT) is within a few grey levels of PIL's.
-  for ex in tfds.as_numpy(builder.as_dataset(split="train").take(4)):
-    i = position[ex["image/filename"].decode()]
-    assert ex["label"] == tiny.y_train[i]
-    diff = np.abs(ex["image"].astype(int) - tiny.x_train[i].astype(int))
-    assert diff.max() <= 8 and diff.mean() < 2
-
-  # With the accurate IDCT (what PIL uses) the pixels are identical.
-  accurate = tfds.decode.make_decoder()(
-      lambda serialized, feature: tf.io.decode_jpeg(serialized, channels=3,
-                                                    dct_method="INTEGER_ACCURATE"))
-  ds = builder.as_dataset(split="train", decoders={"image": accurate()}).take(4)
-  for ex in tfds.as_numpy(ds):
-    i = position[ex["image/filename"].decode()]
-    assert ex["label"] == tiny.y_train[i]
-    np.testing.assert_array_equal(ex["image"], tiny.x_train[i])
-
-
-def test_folder_and_npz_work_without_tensorflow(tiny_imagenet_dir):
-  """The GPU machines have no TensorFlow: non-tfds sources must not import it."""
-  import subprocess  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
-  code = (
-      "import sys\n"
-      "sys.modules['tensorflow'] = None\n"  # Any `import tensorflow` now raises ImportError.
-      "sys.modules['tensorflow_datasets'] = None\n"
-      "from gr_jax.data import sources\n"
-      f"d = sources.load_dataset('folder', path={str(tiny_imagenet_dir)!r}, image_size=32)\n"
-      "x = d.x_train[[0, 1, 2, 3, 4]]\n"
-      "assert x.shape == (5, 32, 32, 3), x.shape\n"
-      "try:\n"
-      "  sources.load_dataset('tfds', name='cifar100')\n"
-      "except ImportError as e:\n"
-      "  assert 'tensorflow' in str(e)\n"
-      "else:\n"
-      "  raise AssertionError('tfds without tensorflow should fail')\n"
-      "print('ok', x.dtype)\n")
-  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          cwd=str(pathlib.Path(__file__).resolve().parents[1]), timeout=120)
-  assert result.returncode == 0, result.stderr[-2000:]
-  assert "ok uint8" in result.stdout

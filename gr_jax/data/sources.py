@@ -38,7 +38,10 @@ import io
 import json
 import os
 import pathlib
+import socket
 import threading
+import urllib.parse
+import urllib.request
 from typing import Any, Sequence, Union
 
 from absl import logging
@@ -61,9 +64,6 @@ KNOWN_TFDS_DATASETS = {
     "imagenet2012": "ImageNet-1k, variable-size JPEGs, 1000 classes (split: validation used as "
                     "test; needs a manual download)",
 }
-
-# Evaluation split of datasets without a 'test' split, used when tfds cannot list the splits.
-_TFDS_TEST_SPLIT = {"food101": "validation", "imagenet2012": "validation"}
 
 _NPZ_REQUIRED_KEYS = ("x_train", "y_train", "x_test", "y_test")
 _NPZ_NAME_KEYS = ("fine_label_names", "label_names", "class_names")
@@ -586,14 +586,23 @@ def _to_rgb(images: np.ndarray) -> np.ndarray:
 
 def _load_tfds(name: str, *, data_dir: str | None, image_size: int | None,
                download: bool) -> Dataset:
-  """TFDS: fixed-size datasets are read whole as arrays; variable-size ones stay encoded (lazy)."""
+  """TFDS: fixed-size datasets are read whole as arrays; variable-size ones stay encoded (lazy).
+
+  Examples come back in the order of the dataset's ``id`` feature where it has one, not in the
+  order tfds shuffled them into on disk: for CIFAR-100 that is the original file order, the order
+  the reference's long-tail selection indexes (the same arrays as the npz copy).
+  """
   try:
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    # TensorFlow first: without it tfds would print a banner before failing.
     import tensorflow  # pylint: disable=g-import-not-at-top,unused-import
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    # tfds imports it only when it prepares a dataset, and does not declare it on Python >= 3.9.
+    import importlib_resources  # pylint: disable=g-import-not-at-top,unused-import
   except ImportError as e:
-    raise MissingExtraError("data.source 'tfds' needs tensorflow and tensorflow-datasets, the "
-                            "[tfds] extra (pip install -e '.[tfds]' in the checkout); without "
-                            "them use the npz, folder or list source") from e
+    raise MissingExtraError(f"data.source 'tfds' needs the [tfds] extra (tensorflow, "
+                            f"tensorflow-datasets, importlib-resources; missing: {e.name}): "
+                            "pip install -e '.[tfds]' in the checkout; without them use the npz, "
+                            "folder or list source") from e
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError as e:
@@ -606,47 +615,29 @@ def _load_tfds(name: str, *, data_dir: str | None, image_size: int | None,
   if "image" not in features or "label" not in features:
     raise ValueError(f"tfds dataset {name!r} has features {list(features)}; gr_jax needs an "
                      "image-classification dataset with 'image' and 'label' features")
-  if download:
-    builder.download_and_prepare()
-  elif not builder.is_prepared():
-    raise FileNotFoundError(f"tfds dataset {name!r} is not prepared in {builder.data_dir}; pass "
-                            "download=True or point data_dir at a prepared copy")
-  splits = list(builder.info.splits)
-  if splits:
-    if "train" not in splits:
-      raise ValueError(f"tfds dataset {name!r} has no 'train' split (has {splits})")
-    test_split = "test" if "test" in splits else "validation" if "validation" in splits else None
-    if test_split is None:
-      raise ValueError(f"tfds dataset {name!r} has neither a 'test' nor a 'validation' split "
-                       f"(has {splits})")
-  else:
-    # Split metadata is unknown (e.g. tfds mocking, or a builder that only learns its splits when
-    # reading): fall back to the dataset's documented evaluation split.
-    test_split = _TFDS_TEST_SPLIT.get(name.split(":")[0].split("/")[0], "test")
-    logging.warning("tfds dataset %s lists no splits; assuming 'train' and %r", name, test_split)
+  if not builder.is_prepared():
+    _download_and_prepare(builder, name, download)
+  test_split = _tfds_test_split(name, list(builder.info.splits))
   class_names = tuple(features["label"].names)
-  image_shape = tuple(features["image"].shape)
-  fixed = all(d is not None for d in image_shape)
+  fixed = all(d is not None for d in features["image"].shape)
+  decoders = None if fixed else {"image": tfds.decode.SkipDecoding()}
+  keys = ("image", "label", "id") if "id" in features else ("image", "label")
 
   def read(split):
-    if fixed:
-      # Batched reads instead of batch_size=-1: the latter needs the split's size from the
-      # metadata, which mocked or partially described builders lack.
-      images, labels = [], []
-      ds = builder.as_dataset(split=split).batch(4096)
-      for batch in tfds.as_numpy(ds):
-        images.append(np.asarray(batch["image"], np.uint8))
-        labels.append(np.asarray(batch["label"]))
-      x = _to_rgb(np.concatenate(images))
-      if image_size is not None and x.shape[1:3] != (image_size, image_size):
-        x = _resize_array(x, image_size)
-      return x, np.concatenate(labels)
-    ds = builder.as_dataset(split=split, decoders={"image": tfds.decode.SkipDecoding()})
-    encoded, labels = [], []
+    columns = {k: [] for k in keys}
+    ds = builder.as_dataset(split=split, decoders=decoders).map(lambda ex: {k: ex[k] for k in keys})
     for batch in tfds.as_numpy(ds.batch(1024)):
-      encoded.extend(bytes(b) for b in batch["image"])
-      labels.append(np.asarray(batch["label"]))
-    return LazyImages(encoded, image_size), np.concatenate(labels)
+      for k in keys:
+        columns[k].append(batch[k])
+    columns = {k: np.concatenate(v) for k, v in columns.items()}
+    order = np.argsort(columns["id"], kind="stable") if "id" in columns else slice(None)
+    labels = columns["label"][order]
+    if not fixed:
+      return LazyImages([bytes(b) for b in columns["image"][order]], image_size), labels
+    x = _to_rgb(np.asarray(columns["image"][order], np.uint8))
+    if image_size is not None and x.shape[1:3] != (image_size, image_size):
+      x = _resize_array(x, image_size)
+    return x, labels
 
   x_train, y_train = read("train")
   x_test, y_test = read(test_split)
@@ -657,3 +648,54 @@ def _load_tfds(name: str, *, data_dir: str | None, image_size: int | None,
                builder.data_dir, test_split, len(y_train), len(y_test), len(class_names))
   return Dataset(name=name, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test,
                  class_names=class_names)
+
+
+def _tfds_test_split(name: str, splits: Sequence[str]) -> str:
+  """The evaluation split: ``test``, or ``validation`` where there is none (Food-101, ImageNet)."""
+  if "train" not in splits:
+    raise ValueError(f"tfds dataset {name!r} has no 'train' split (has {sorted(splits)})")
+  for split in ("test", "validation"):
+    if split in splits:
+      return split
+  raise ValueError(f"tfds dataset {name!r} has neither a 'test' nor a 'validation' split "
+                   f"(has {sorted(splits)})")
+
+
+def _download_and_prepare(builder, name: str, download: bool) -> None:
+  """``builder.download_and_prepare()``, but a dataset that cannot be fetched is one error line.
+
+  Offline (no download host resolves and no proxy is set) it fails at once instead of after tfds'
+  ten retries (about three minutes).
+
+  Raises:
+    FileNotFoundError: not prepared and ``download`` is off, or the download failed; the message
+      names the data_dir and the offline ways to get the data.
+  """
+  root = builder.data_dir_root
+  fixes = (f"read a local copy instead (--config.data.source=npz --config.data.path=<file.npz>, "
+           f"or source=folder/list), or prepare it where there is network (tfds build {name} "
+           f"--data_dir=DIR) and copy DIR to {root}")
+  if not download:
+    raise FileNotFoundError(f"tfds dataset {name!r} is not prepared in {root} and download is off; "
+                            f"set --config.data.download=True, or {fixes}")
+  hosts = sorted({urllib.parse.urlsplit(url).hostname for url in builder.url_infos or ()} - {None})
+  if hosts and not urllib.request.getproxies() and not any(map(_resolves, hosts)):
+    raise FileNotFoundError(f"tfds dataset {name!r} is not prepared in {root} and cannot be "
+                            f"downloaded: no network (cannot resolve {', '.join(hosts)}); "
+                            f"{fixes}")
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  try:
+    builder.download_and_prepare()
+  except (OSError, tf.errors.OpError, tfds.download.DownloadError) as e:
+    cause = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    raise FileNotFoundError(f"tfds dataset {name!r} is not prepared in {root} and downloading and "
+                            f"preparing it failed ({cause}); {fixes}") from e
+
+
+def _resolves(host: str) -> bool:
+  try:
+    socket.getaddrinfo(host, None)
+  except (OSError, UnicodeError):
+    return False
+  return True
