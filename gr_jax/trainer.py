@@ -336,6 +336,37 @@ class _Signals:
       signal.signal(sig, handler)
 
 
+class _CompileClock:
+  """Seconds XLA spent compiling while entered (JAX's backend-compile events, any thread)."""
+
+  def __init__(self):
+    self.seconds = 0.0
+
+  def _listen(self, event: str, duration: float, **kwargs) -> None:
+    del kwargs
+    if event == "/jax/core/compile/backend_compile_duration":
+      self.seconds += duration
+
+  def __enter__(self):
+    jax.monitoring.register_event_duration_secs_listener(self._listen)
+    return self
+
+  def __exit__(self, *exc):
+    jax.monitoring.unregister_event_duration_listener(self._listen)
+
+
+def _compile_in_background(fn: Any, *args: Any) -> Optional[threading.Thread]:
+  """Compiles the jitted ``fn`` for the shapes and shardings of ``args`` in a thread, into JAX's
+  cache, so that its first call does not wait for the compiler. None for a host loop (no jit)."""
+  if not hasattr(fn, "lower"):
+    return None
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+                          args)
+  thread = threading.Thread(target=lambda: fn.lower(*abstract).compile(), daemon=True)
+  thread.start()
+  return thread
+
+
 class _Chunk(NamedTuple):
   """A compiled call's epochs, dispatched; its metrics are read when the next call is on its way."""
   epoch: int
@@ -356,6 +387,7 @@ class _SeedLoop:
   diag: Optional[dict[str, np.ndarray]] = None
   last_save: float = dataclasses.field(default_factory=time.time)
   last_fetch: float = 0.0
+  precompiling: Optional[threading.Thread] = None
 
   def _record(self, phase: int, chunk: _Chunk, stats: dict[str, np.ndarray], timing):
     """Reads a finished call's metrics: checks the loss, writes the epochs' scalars, adds the
@@ -420,9 +452,12 @@ class _SeedLoop:
     while epoch < epochs:
       count = min(per_call - epoch % per_call, epochs - epoch)
       lrs = [_learning_rate(cfg.optim, e) for e in range(epoch, epoch + count)]
-      train, metrics = fns.train_epochs(run.train, teacher, data, consts,
-                                        _epoch_keys(run.key, phase, epoch, count),
-                                        jnp.asarray(lrs, jnp.float32))
+      args = (run.train, teacher, data, consts, _epoch_keys(run.key, phase, epoch, count),
+              jnp.asarray(lrs, jnp.float32))
+      if phase == 0 and exp.plan.num_phases > 1 and self.precompiling is None:
+        # The incremental program has the same argument shapes: compile it while phase 0 trains.
+        self.precompiling = _compile_in_background(exp.incremental_steps.train_epochs, *args)
+      train, metrics = fns.train_epochs(*args)
       run = run.replace(train=train)
       if pending is not None:  # finished: the call just dispatched depends on it
         stats = self._record(phase, pending, stats, timing)
@@ -439,7 +474,8 @@ class _SeedLoop:
       stats = self._record(phase, pending, stats, timing)
     return run.replace(epoch=jnp.int32(epoch), phase_stats=to_state(stats)), consts, timing
 
-  def end_phase(self, run: state_lib.RunState, phase: int, consts, timing):
+  def end_phase(self, run: state_lib.RunState, phase: int, consts, timing,
+                compile_s: Callable[[], float]):
     """Memory, evaluation, the phase's diagnostics and scalars, the phase-end checkpoint."""
     exp = self.exp
     tic = time.time()
@@ -449,7 +485,8 @@ class _SeedLoop:
     run = jax.block_until_ready(_finish_phase(exp, run, phase))
     timing["time/phase_end_s"] = time.time() - tic
     self._save(run, (phase + 1) * (exp.config.optim.epochs + 1), timing)
-    scalars = {**_phase_accuracy(exp, run, phase), **timing}
+    # Compilation overlaps the other entries (it runs inside the first calls, or in a thread).
+    scalars = {**_phase_accuracy(exp, run, phase), **timing, "time/compile_s": compile_s()}
     if exp.config.diagnostics:
       record = diagnostics.phase_record(
           jax.device_get(consts), exp.plan.train_counts, head,
@@ -505,16 +542,19 @@ def run_seed(exp: Experiment, config: ml_collections.ConfigDict, workdir: str,
   elapsed = lambda: wall_offset + time.time() - started
   try:
     with (report.MetricWriter(workdir, resume_step=int(run.train.step)) if lead
-          else report.NullWriter()) as writer, _Signals() as signals:
+          else report.NullWriter()) as writer, _Signals() as signals, _CompileClock() as clock:
       loop = _SeedLoop(exp, checkpointer, writer, elapsed, on_epoch, signals,
                        diag=diagnostics.load(workdir) if config.diagnostics else None)
       while int(run.phase) < exp.plan.num_phases:
         phase = int(run.phase)
+        compiled_before = clock.seconds
         run, consts, timing = loop.train_phase(run, phase)
-        run = loop.end_phase(run, phase, consts, timing)
+        run = loop.end_phase(run, phase, consts, timing,
+                             compile_s=lambda: clock.seconds - compiled_before)
   finally:
     checkpointer.close()
   results = _results(exp, run, config, elapsed())
+  results["compile_s"] = clock.seconds  # in this process (a resumed run counts since it resumed)
   if lead:
     report.write_results(workdir, results)
     report.plot_results(workdir, results, list(exp.plan.train_counts))
