@@ -4,17 +4,18 @@ Imbalanced data skews the classifier's gradient updates: frequent and new classe
 larger cumulative gradient norms Φ_c and end with larger weight norms ‖W_c‖. Gradient reweighting
 evens the cumulative updates out (α, r_old, r_new, β). Forgetting is itself imbalanced: old classes
 that lost most of their data to the memory (R_c = N_c − min(N_c, M)) forget most. This module turns
-the quantities the trainer holds at the end of each phase into one record per phase and seed,
-stacks the records in ``workdir/diagnostics.npz`` and draws them in ``workdir/diagnostics.png``.
+the quantities the trainer holds at the end of each phase into one record per phase, stacks the
+records in ``workdir/diagnostics.npz`` and draws them in ``workdir/diagnostics.png``. A run trains
+one seed; a multi-seed run keeps each seed's diagnostics in its ``workdir/seed_<s>``.
 
 Pure host-side NumPy (and matplotlib without pyplot); nothing here runs in the train step.
 
-Layout of ``diagnostics.npz``: every array has the axes ``[P, S, ...]``, P recorded phases (their
-numbers in ``phase``, int ``[P]``) and S seeds; per-class entries end in the class axis ``[C]``.
+Layout of ``diagnostics.npz``: every array has the leading axis ``[P]``, the recorded phases (their
+numbers in ``phase``, int ``[P]``); per-class entries are ``[P, C]``, per-phase ones ``[P]``.
 Per class: ``train_counts`` N_c, ``prior_counts`` (the counts behind π), ``lost_counts`` R_c,
 ``old_classes`` and ``new_classes`` (bool), ``cumulative_norms`` Φ_c, ``cumulative_kd_norms``,
-``alpha`` α_c, ``class_scale`` s_c, ``weight_norm`` ‖W_c‖, ``bias`` b_c and ``accuracy`` (TAg, percent,
-NaN for unseen classes). Per phase: ``r_old``, ``r_new``, ``gamma`` γ, ``kd_weight`` λ, ``entropy``
+``alpha`` α_c, ``class_scale`` s_c, ``weight_norm`` ‖W_c‖, ``bias`` b_c and ``accuracy`` (TAg,
+percent, NaN for unseen classes and classes without test images). Per phase: ``r_old``, ``r_new``, ``gamma`` γ, ``kd_weight`` λ, ``entropy``
 H, ``beta_mean``, ``beta_min``, ``beta_max`` (β over the phase's steps) and ``beta_last`` (the last
 step's β). Quantities a run did not produce (Φ, s, β without reweighting; r_old in a phase without
 old classes) are NaN.
@@ -23,7 +24,6 @@ old classes) are NaN.
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple, Optional
 
@@ -53,7 +53,7 @@ def phase_record(consts: PhaseConstants, train_counts: Any, classifier: Mapping[
                  reweight_state: Optional[GradientReweightingState] = None,
                  kd_scale_stats: Optional[KDScaleStats] = None,
                  cumulative_grad_norms: Any = None) -> dict[str, np.ndarray]:
-  """One seed's diagnostics at the end of a phase (host arrays; see the module doc for the keys).
+  """The run's diagnostics at the end of a phase (host arrays; see the module doc for the keys).
 
   α, r_old and r_new are recomputed from the phase's final Φ (``gr_jax.reweight.
   reweighting_factors``), so they are the factors the last step applied; s_c and β come from the
@@ -101,8 +101,10 @@ def phase_record(consts: PhaseConstants, train_counts: Any, classifier: Mapping[
     kd_norms = np.asarray(reweight_state.cumulative_kd_norms, np.float64)
     beta_last = float(reweight_state.kd_scale)
   beta = kd_scale_stats or KDScaleStats(np.nan, np.nan, np.nan)
-  seen = old | new
-  accuracy = np.where(seen, metrics._ratio(correct_tag, num_test), np.nan)  # pylint: disable=protected-access
+  num_test = np.asarray(num_test, np.float64)
+  has_test = (old | new) & (num_test > 0)
+  accuracy = np.where(has_test, 100 * np.asarray(correct_tag, np.float64)
+                      / np.where(has_test, num_test, 1), np.nan)
   scalar = lambda x: np.asarray(x, np.float64)
   return {
       'train_counts': np.asarray(train_counts, np.int64),
@@ -130,13 +132,13 @@ def phase_record(consts: PhaseConstants, train_counts: Any, classifier: Mapping[
 
 
 def append(diag: Optional[Mapping[str, np.ndarray]], phase: int,
-           records: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
-  """``diag`` with phase ``phase`` recorded: ``records`` holds one :func:`phase_record` per seed.
+           record: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """``diag`` with ``record`` (a :func:`phase_record`) stored as phase ``phase``.
 
   Entries of phase ``phase`` or later are dropped first, so a run resumed from a checkpoint taken
   before the diagnostics of a phase were saved records that phase once. ``diag`` None starts anew.
   """
-  stacked = {k: np.stack([np.asarray(r[k]) for r in records])[None] for k in records[0]}
+  stacked = {k: np.asarray(v)[None] for k, v in record.items()}
   stacked['phase'] = np.asarray([phase], np.int64)
   if not diag:
     return stacked
@@ -145,8 +147,8 @@ def append(diag: Optional[Mapping[str, np.ndarray]], phase: int,
   for key, value in stacked.items():
     if key not in diag or np.shape(diag[key])[1:] != value.shape[1:]:
       raise ValueError(f"diagnostics entry {key!r} of phase {phase} has shape {value.shape[1:]}, "
-                       f"the recorded phases {np.shape(diag.get(key))[1:]}: the seeds or classes "
-                       f"changed; move {DIAGNOSTICS_FILE} out of the workdir to record anew")
+                       f"the recorded phases {np.shape(diag.get(key))[1:]}: the classes changed; "
+                       f"move {DIAGNOSTICS_FILE} out of the workdir to record anew")
     out[key] = np.concatenate([np.asarray(diag[key])[keep], value])
   return out
 
@@ -183,50 +185,33 @@ def load(path: str | os.PathLike) -> Optional[dict[str, np.ndarray]]:
   return diag
 
 
-def _nanmean(x: Any, axis=None) -> Any:
-  """Mean ignoring NaN; NaN (no warning) where everything is NaN."""
-  with warnings.catch_warnings():
-    warnings.simplefilter('ignore', RuntimeWarning)
-    return np.nanmean(np.asarray(x, np.float64), axis=axis)
-
-
 def _phi_spread(phi: np.ndarray, seen: np.ndarray) -> float:
   """max Φ / min Φ over the seen classes with Φ > 0: how unevenly the updates were spread."""
   phi = phi[seen & (phi > 0)]
   return float(phi.max() / phi.min()) if phi.size else np.nan
 
 
-def tensorboard_scalars(records: Mapping[str, Any] | Sequence[Mapping[str, Any]]
-                        ) -> dict[str, float]:
-  """TensorBoard scalars of a phase: a :func:`phase_record` or one per seed (then seed means).
-
-  Values a run did not produce (NaN) are left out.
-  """
-  if isinstance(records, Mapping):
-    records = [records]
-  per_seed = []
-  for r in records:
-    old, new = np.asarray(r['old_classes']), np.asarray(r['new_classes'])
-    norm = np.asarray(r['weight_norm'])
-    per_seed.append({
-        **{f'diag/{k}': float(r[k]) for k in ('r_old', 'r_new', 'gamma', 'kd_weight', 'entropy',
-                                              'beta_mean', 'beta_min', 'beta_max')},
-        'diag/weight_norm_old_mean': float(norm[old].mean()) if old.any() else np.nan,
-        'diag/weight_norm_new_mean': float(norm[new].mean()) if new.any() else np.nan,
-        'diag/phi_max_over_min': _phi_spread(np.asarray(r['cumulative_norms']), old | new),
-    })
-  means = {k: float(_nanmean([s[k] for s in per_seed])) for k in per_seed[0]}
-  return {k: v for k, v in means.items() if np.isfinite(v)}
+def tensorboard_scalars(record: Mapping[str, Any]) -> dict[str, float]:
+  """TensorBoard scalars of a :func:`phase_record`, less those the run did not produce (NaN)."""
+  old, new = np.asarray(record['old_classes']), np.asarray(record['new_classes'])
+  norm = np.asarray(record['weight_norm'])
+  scalars = {
+      **{f'diag/{k}': float(record[k]) for k in ('r_old', 'r_new', 'gamma', 'kd_weight', 'entropy',
+                                                 'beta_mean', 'beta_min', 'beta_max')},
+      'diag/weight_norm_old_mean': float(norm[old].mean()) if old.any() else np.nan,
+      'diag/weight_norm_new_mean': float(norm[new].mean()) if new.any() else np.nan,
+      'diag/phi_max_over_min': _phi_spread(np.asarray(record['cumulative_norms']), old | new),
+  }
+  return {k: v for k, v in scalars.items() if np.isfinite(v)}
 
 
 def class_forgetting(diag: Mapping[str, np.ndarray]) -> np.ndarray:
-  """Per-class TAg forgetting after the last recorded phase, ``[S, C]`` (NaN where undefined).
+  """Per-class TAg forgetting after the last recorded phase, ``[C]`` (NaN where undefined).
 
-  ``metrics.class_forgetting`` on each seed's per-class accuracies: a class's best accuracy in an
-  earlier recorded phase minus its accuracy now; NaN for classes new in the last phase.
+  ``metrics.class_forgetting`` on the per-class accuracies ``[P, C]``: a class's best accuracy in
+  an earlier recorded phase minus its accuracy now; NaN for classes new in the last phase.
   """
-  acc = np.asarray(diag['accuracy'], np.float64)  # [P, S, C]
-  return np.stack([metrics.class_forgetting(acc[:, s])[-1] for s in range(acc.shape[1])])
+  return metrics.class_forgetting(np.asarray(diag['accuracy'], np.float64))[-1]
 
 
 def _ranks(x: np.ndarray) -> np.ndarray:
@@ -245,9 +230,10 @@ def correlations(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
   return float(np.corrcoef(x, y)[0, 1]), float(np.corrcoef(_ranks(x), _ranks(y))[0, 1])
 
 
-def _arrival_order(diag: Mapping[str, np.ndarray], seen: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _arrival_order(diag: Mapping[str, np.ndarray],
+                   seen: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """The seen classes ordered by the recorded phase they arrived in, and that phase for each."""
-  new = np.asarray(diag['new_classes'])[:, 0]  # [P, C]; the same for every seed
+  new = np.asarray(diag['new_classes'])  # [P, C]
   phases = np.asarray(diag['phase'])
   arrival = np.where(new.any(0), phases[np.argmax(new, axis=0)], np.iinfo(np.int64).max)
   classes = np.flatnonzero(seen)
@@ -268,19 +254,19 @@ def draw_panels(axes: Sequence[Any], diag: Mapping[str, np.ndarray], phase: Opti
   reweighting, frequent and new classes get the large norms. (b) Φ_c against N_c in ``phase``
   (default: the last recorded one). (c) per-class forgetting against the lost fraction R_c / N_c,
   with a fitted line and Pearson r / Spearman ρ. (d) r_old, r_new and β (mean, min–max band) per
-  phase. Seeds are averaged.
+  phase.
   """
   from matplotlib.ticker import MaxNLocator  # pylint: disable=g-import-not-at-top
   ax_norm, ax_phi, ax_forget, ax_factors = axes
   prefix = f'{label}: ' if label else ''
   phases = np.asarray(diag['phase'])
   last = int(phases[-1])
-  counts = np.asarray(diag['train_counts'])[-1, 0].astype(np.float64)
-  old = np.asarray(diag['old_classes'])[-1, 0]
-  seen = old | np.asarray(diag['new_classes'])[-1, 0]
+  counts = np.asarray(diag['train_counts'])[-1].astype(np.float64)
+  old = np.asarray(diag['old_classes'])[-1]
+  seen = old | np.asarray(diag['new_classes'])[-1]
 
   classes, arrival = _arrival_order(diag, seen)
-  norm = _nanmean(diag['weight_norm'][-1], axis=0)[classes]
+  norm = np.asarray(diag['weight_norm'])[-1, classes]
   groups = metrics.shot_groups(counts[classes])
   position = np.arange(classes.size)
   for name, mask in groups.items():
@@ -299,10 +285,10 @@ def draw_panels(axes: Sequence[Any], diag: Mapping[str, np.ndarray], phase: Opti
     raise ValueError(f"phase {phase} is not recorded in these diagnostics (phases "
                      f"{phases.tolist()}); pick one of those")
   index = int(np.ravel(shown)[0])
-  phi = _nanmean(diag['cumulative_norms'][index], axis=0)
-  phase_old = np.asarray(diag['old_classes'])[index, 0]
-  phase_new = np.asarray(diag['new_classes'])[index, 0]
-  phase_counts = np.asarray(diag['train_counts'])[index, 0]
+  phi = np.asarray(diag['cumulative_norms'])[index]
+  phase_old = np.asarray(diag['old_classes'])[index]
+  phase_new = np.asarray(diag['new_classes'])[index]
+  phase_counts = np.asarray(diag['train_counts'])[index]
   ax_phi.set_title(f'{prefix}cumulative gradient norm Φ_c in phase {int(phases[index])}',
                    fontsize=10)
   if np.isnan(phi[phase_old | phase_new]).all():
@@ -316,8 +302,8 @@ def draw_panels(axes: Sequence[Any], diag: Mapping[str, np.ndarray], phase: Opti
   ax_phi.set_xlabel('N_c, training images of the class (log)')
   ax_phi.set_ylabel('Φ_c')
 
-  forget = _nanmean(class_forgetting(diag), axis=0)
-  lost = np.asarray(diag['lost_counts'])[-1, 0] / np.maximum(counts, 1)
+  forget = class_forgetting(diag)
+  lost = np.asarray(diag['lost_counts'])[-1] / np.maximum(counts, 1)
   has = old & np.isfinite(forget)
   ax_forget.set_title(f'{prefix}per-class forgetting after phase {last}', fontsize=10)
   if has.sum() < 2:
@@ -338,8 +324,8 @@ def draw_panels(axes: Sequence[Any], diag: Mapping[str, np.ndarray], phase: Opti
   ax_factors.set_xlabel('phase')
   ax_factors.set_ylabel('r')
   ax_factors.xaxis.set_major_locator(MaxNLocator(integer=True))
-  factors = {k: _nanmean(diag[k], axis=1) for k in ('r_old', 'r_new', 'beta_mean', 'beta_min',
-                                                     'beta_max')}
+  factors = {k: np.asarray(diag[k], np.float64) for k in ('r_old', 'r_new', 'beta_mean',
+                                                           'beta_min', 'beta_max')}
   if all(np.isnan(v).all() for v in factors.values()):
     _note(ax_factors, 'r and β not recorded (a run without gradient reweighting)')
   else:

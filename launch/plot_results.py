@@ -10,6 +10,8 @@ With ``--diagnostics`` each input is ``label=<run workdir>`` (or its ``diagnosti
 figure puts the runs' diagnostics panels side by side, one column per run (gr_jax.diagnostics:
 weight norms, Φ vs N_c, forgetting vs lost data, r and β per phase), e.g.
 ``python launch/plot_results.py --diagnostics --out=diag.png DGR=runs/a finetune=runs/b``.
+For a multi-seed run (diagnostics in ``<workdir>/seed_<s>/``) the column shows its first seed
+and its titles say so.
 """
 
 import os
@@ -27,7 +29,7 @@ _OUT = flags.DEFINE_string("out", None, "PNG to write.")
 _TITLE = flags.DEFINE_string("title", "TAg accuracy after each phase", "Figure title.")
 _DIAGNOSTICS = flags.DEFINE_bool(
     "diagnostics", False, "Draw the runs' diagnostics panels side by side; each input is "
-    "label=<run workdir> holding diagnostics.npz.")
+    "label=<run workdir> holding diagnostics.npz (or seed_<s>/diagnostics.npz: the first seed's).")
 _PHASE = flags.DEFINE_integer(
     "phase", None, "With --diagnostics: the phase of the Φ vs N_c panel (default: the last).")
 flags.mark_flag_as_required("out")
@@ -49,14 +51,35 @@ def _figure(size):
   return fig
 
 
-def _load_diagnostics(path):
-  """A run's diagnostics (gr_jax imported here: the accuracy plot needs no JAX)."""
+def _seed_dirs(path):
+  """The ``seed_<s>`` subfolders of a multi-seed workdir that hold diagnostics: [(s, dir)], by s."""
+  from gr_jax import diagnostics  # pylint: disable=g-import-not-at-top
+  found = []
+  for name in os.listdir(path) if os.path.isdir(path) else ():
+    seed = name.removeprefix("seed_")
+    sub = os.path.join(path, name)
+    if seed != name and seed.isdigit() and os.path.isfile(
+        os.path.join(sub, diagnostics.DIAGNOSTICS_FILE)):
+      found.append((int(seed), sub))
+  return sorted(found)
+
+
+def _load_diagnostics(label, path):
+  """(label, diagnostics) of a run; a multi-seed run gives its first seed's, named in the label.
+
+  gr_jax is imported here: the accuracy plot needs no JAX.
+  """
   from gr_jax import diagnostics  # pylint: disable=g-import-not-at-top
   diag = diagnostics.load(path)
-  if diag is None:
-    raise ValueError(f"{path}: no {diagnostics.DIAGNOSTICS_FILE}; give the workdir of a run that "
-                     "recorded diagnostics")
-  return diag
+  if diag is not None:
+    return label, diag
+  seeds = _seed_dirs(path)
+  if not seeds:
+    raise ValueError(f"{path}: no {diagnostics.DIAGNOSTICS_FILE} (nor seed_<s>/"
+                     f"{diagnostics.DIAGNOSTICS_FILE}); give the workdir of a run that recorded "
+                     "diagnostics")
+  seed, seed_dir = seeds[0]
+  return f"{label} (seed {seed}, first of {len(seeds)})", diagnostics.load(seed_dir)
 
 
 def _draw_diagnostics(runs):
@@ -103,12 +126,12 @@ def main(argv):
     expected = "<run workdir>" if _DIAGNOSTICS.value else "path/to/results.json (or <run workdir>)"
     raise SystemExit(f"error: give each run as label={expected}"
                      + (f"; no label in {unlabelled[0]!r}" if unlabelled else ""))
-  load = _load_diagnostics if _DIAGNOSTICS.value else report.load_results
   runs = []
   for item in inputs:
     label, path = item.split("=", 1)
     try:
-      runs.append((label, load(path)))
+      runs.append(_load_diagnostics(label, path) if _DIAGNOSTICS.value
+                  else (label, report.load_results(path)))
     except ValueError as e:
       raise SystemExit(f"error: {e}") from None
   fig = (_draw_diagnostics if _DIAGNOSTICS.value else _draw_accuracy)(runs)

@@ -1,6 +1,7 @@
 """gr_jax.diagnostics: records equal what the transform, the constants and the params hold; files
 round-trip; per-class forgetting agrees with gr_jax.metrics; the figures are written."""
 
+import importlib.util
 import os
 import pathlib
 import subprocess
@@ -64,26 +65,22 @@ def phase_inputs(phase, rng):
   return consts, classifier, correct
 
 
-def simulate(seeds=1, reweight=True):
+def simulate(reweight=True, seed=0):
   """The diagnostics of a 3-phase run."""
   diag = None
   for phase in range(len(TASK_SIZES)):
-    records = []
-    for seed in range(seeds):
-      rng = np.random.default_rng(100 * phase + seed)
-      consts, classifier, correct = phase_inputs(phase, rng)
-      state, stats = train_phase(consts, rng) if reweight else (None, None)
-      records.append(diagnostics.phase_record(
-          consts, TRAIN_COUNTS, classifier, correct, NUM_TEST, reweight_state=state,
-          kd_scale_stats=stats))
-    diag = diagnostics.append(diag, phase, records)
+    rng = np.random.default_rng(100 * phase + seed)
+    consts, classifier, correct = phase_inputs(phase, rng)
+    state, stats = train_phase(consts, rng) if reweight else (None, None)
+    record = diagnostics.phase_record(consts, TRAIN_COUNTS, classifier, correct, NUM_TEST,
+                                      reweight_state=state, kd_scale_stats=stats)
+    diag = diagnostics.append(diag, phase, record)
   return diag
 
 
-def seed_records(diag, index):
-  """The per-seed records of the index-th recorded phase, as phase_record returned them."""
-  seeds = diag["weight_norm"].shape[1]
-  return [{k: v[index, s] for k, v in diag.items() if k != "phase"} for s in range(seeds)]
+def recorded(diag, index):
+  """The record of the index-th recorded phase, as phase_record returned it."""
+  return {k: v[index] for k, v in diag.items() if k != "phase"}
 
 
 def test_record_holds_what_the_reweighting_state_holds():
@@ -132,6 +129,11 @@ def test_record_copies_the_phase_constants_and_reads_the_classifier():
   seen = np.arange(TRAIN_COUNTS.size) < 6
   np.testing.assert_allclose(rec["accuracy"][seen], 100 * correct[seen] / NUM_TEST[seen])
   assert np.isnan(rec["accuracy"][~seen]).all()
+  # In phase 2 every class is seen; the last has no test images, so no accuracy.
+  consts, classifier, correct = phase_inputs(2, rng)
+  rec = diagnostics.phase_record(consts, TRAIN_COUNTS, classifier, correct, NUM_TEST)
+  np.testing.assert_allclose(rec["accuracy"][:-1], 100 * correct[:-1] / NUM_TEST[:-1])
+  assert np.isnan(rec["accuracy"][-1])
 
 
 def test_run_without_reweighting_records_nan_unless_given_the_gradient_norms():
@@ -169,9 +171,10 @@ def test_class_forgetting_agrees_with_task_forgetting_with_one_class_per_task():
   seen = np.tri(num_phases, dtype=bool)  # class k arrives in phase k
   correct = np.where(seen, rng.integers(0, 21, size=(num_phases, num_phases)), 0)
   acc = np.where(seen, 100 * correct / num_test, np.nan)
-  diag = {"accuracy": acc[:, None, :]}  # [P, S=1, C]
+  diag = {"accuracy": acc}  # [P, C]
   summary = metrics.summarize(correct, correct, num_test, [1] * num_phases, num_test)
-  per_class = diagnostics.class_forgetting(diag)[0]
+  per_class = diagnostics.class_forgetting(diag)
+  assert per_class.shape == (num_phases,)
   task_forgetting = np.asarray(summary["forgetting"][-1][:-1], np.float64)
   # Same counts, same max/difference order: equal up to float64 rounding of the percentages.
   np.testing.assert_allclose(per_class[:-1], task_forgetting, rtol=0, atol=1e-12)
@@ -187,10 +190,10 @@ def test_class_forgetting_on_a_task_matrix_is_task_forgetting():
 
 
 def test_diagnostics_round_trip_and_resume_records_a_phase_once(tmp_path):
-  diag = simulate(seeds=2)
+  diag = simulate()
   assert diag["phase"].tolist() == [0, 1, 2]
-  assert diag["weight_norm"].shape == (3, 2, TRAIN_COUNTS.size)
-  assert diag["r_old"].shape == (3, 2)
+  assert diag["weight_norm"].shape == (3, TRAIN_COUNTS.size)
+  assert diag["r_old"].shape == (3,)
   assert diagnostics.load(tmp_path) is None
   path = diagnostics.save(tmp_path, diag)
   assert path == os.path.join(tmp_path, "diagnostics.npz")
@@ -200,14 +203,15 @@ def test_diagnostics_round_trip_and_resume_records_a_phase_once(tmp_path):
   for key in diag:
     np.testing.assert_array_equal(loaded[key], diag[key], err_msg=key)
   # A run resumed inside phase 1 records phases 1 and 2 again: each stays once, the new values win.
-  records = seed_records(diag, 1)
-  for record in records:
-    record["bias"] = record["bias"] + 1
-  resumed = diagnostics.append(loaded, 1, records)
+  record = recorded(diag, 1)
+  record["bias"] = record["bias"] + 1
+  resumed = diagnostics.append(loaded, 1, record)
   assert resumed["phase"].tolist() == [0, 1]
   np.testing.assert_array_equal(resumed["bias"][1], diag["bias"][1] + 1)
-  with pytest.raises(ValueError, match="seeds or classes changed"):
-    diagnostics.append(loaded, 3, records[:1])
+  np.testing.assert_array_equal(resumed["bias"][0], diag["bias"][0])
+  record["weight_norm"] = record["weight_norm"][:-1]
+  with pytest.raises(ValueError, match="'weight_norm' of phase 3 .* the classes changed"):
+    diagnostics.append(loaded, 3, record)
 
 
 def test_load_refuses_a_file_that_is_not_diagnostics_in_one_line(tmp_path):
@@ -221,22 +225,20 @@ def test_load_refuses_a_file_that_is_not_diagnostics_in_one_line(tmp_path):
     diagnostics.load(other)
 
 
-def test_tensorboard_scalars_average_the_seeds_and_leave_out_what_is_missing():
-  diag = simulate(seeds=2)
-  records = seed_records(diag, 2)
-  scalars = diagnostics.tensorboard_scalars(records)
-  np.testing.assert_allclose(scalars["diag/r_old"], diag["r_old"][2].mean(), rtol=1e-12)
-  np.testing.assert_allclose(scalars["diag/beta_mean"], diag["beta_mean"][2].mean(), rtol=1e-12)
-  old = diag["old_classes"][2, 0]
-  np.testing.assert_allclose(scalars["diag/weight_norm_old_mean"],
-                             diag["weight_norm"][2][:, old].mean(), rtol=1e-12)
-  phi = diag["cumulative_norms"][2][:, :9]  # every class is seen in the last phase
-  np.testing.assert_allclose(scalars["diag/phi_max_over_min"],
-                             (phi.max(1) / phi.min(1)).mean(), rtol=1e-12)
-  single = diagnostics.tensorboard_scalars(records[0])
-  assert single["diag/r_new"] == diag["r_new"][2, 0]
+def test_tensorboard_scalars_summarise_a_record_and_leave_out_what_is_missing():
+  diag = simulate()
+  scalars = diagnostics.tensorboard_scalars(recorded(diag, 2))
+  for key in ("r_old", "r_new", "gamma", "kd_weight", "entropy", "beta_mean", "beta_min",
+              "beta_max"):
+    assert scalars[f"diag/{key}"] == diag[key][2], key
+  old, new = diag["old_classes"][2], diag["new_classes"][2]
+  # Float64 means over the same values in the same order: equal.
+  assert scalars["diag/weight_norm_old_mean"] == diag["weight_norm"][2][old].mean()
+  assert scalars["diag/weight_norm_new_mean"] == diag["weight_norm"][2][new].mean()
+  phi = diag["cumulative_norms"][2]  # every class is seen in the last phase
+  assert scalars["diag/phi_max_over_min"] == phi.max() / phi.min()
   finetune = simulate(reweight=False)
-  scalars = diagnostics.tensorboard_scalars(seed_records(finetune, 2)[0])
+  scalars = diagnostics.tensorboard_scalars(recorded(finetune, 2))
   assert "diag/r_old" not in scalars and "diag/beta_mean" not in scalars
   assert np.isfinite(scalars["diag/weight_norm_new_mean"]) and "diag/entropy" in scalars
 
@@ -259,7 +261,7 @@ def _png_size(path):
 
 
 def test_plot_diagnostics_writes_the_four_panels(tmp_path):
-  diag = simulate(seeds=2)
+  diag = simulate()
   path = diagnostics.plot_diagnostics(tmp_path, diag, phase=1)
   assert path == os.path.join(tmp_path, "diagnostics.png")
   width, height, size = _png_size(path)
@@ -270,20 +272,44 @@ def test_plot_diagnostics_writes_the_four_panels(tmp_path):
     diagnostics.plot_diagnostics(tmp_path, diag, phase=7)
 
 
+PLOT_SCRIPT = REPO / "launch" / "plot_results.py"
+
+
+def save_multi_seed_run(workdir, seeds):
+  """A multi-seed run's workdir: each seed's diagnostics in its seed_<s>, none at the top."""
+  for seed in seeds:
+    diagnostics.save(workdir / f"seed_{seed}", simulate(seed=seed))
+  (workdir / "seed_notes").mkdir()  # not a seed folder
+
+
+def test_plot_results_reads_a_multi_seed_run_as_its_first_seed(tmp_path):
+  save_multi_seed_run(tmp_path, (10, 2))
+  spec = importlib.util.spec_from_file_location("plot_results", PLOT_SCRIPT)
+  plot_results = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(plot_results)
+  load = plot_results._load_diagnostics  # pylint: disable=protected-access
+  label, diag = load("DGR", str(tmp_path))
+  assert label == "DGR (seed 2, first of 2)"  # seeds ordered by number, not by name
+  np.testing.assert_array_equal(diag["weight_norm"], simulate(seed=2)["weight_norm"])
+  assert load("DGR", str(tmp_path / "seed_10"))[0] == "DGR"  # a single seed's own workdir
+
+
 def test_plot_results_script_draws_runs_side_by_side(tmp_path):
   diag = simulate()
   finetune = simulate(reweight=False)
   diagnostics.save(tmp_path / "dgr", diag)
   diagnostics.save(tmp_path / "ft", finetune)
+  save_multi_seed_run(tmp_path / "pooled", (0, 1))
   out = tmp_path / "diag.png"
-  script = str(REPO / "launch" / "plot_results.py")
+  script = str(PLOT_SCRIPT)
   env = dict(os.environ)  # the caller's XLA_FLAGS (e.g. the AVX2 run) reach the script's JAX
   done = subprocess.run([sys.executable, script, "--diagnostics", f"--out={out}",
-                         f"DGR={tmp_path / 'dgr'}", f"finetune={tmp_path / 'ft'}"],
+                         f"DGR={tmp_path / 'dgr'}", f"finetune={tmp_path / 'ft'}",
+                         f"pooled={tmp_path / 'pooled'}"],
                         capture_output=True, text=True, env=env)
   assert done.returncode == 0, done.stderr
   width, height, _ = _png_size(out)
-  assert (width, height) == (1200, 1600)  # two columns of 6 x 16 inches at 100 dpi
+  assert (width, height) == (1800, 1600)  # three columns of 6 x 16 inches at 100 dpi
   for args, says in (([f"x={tmp_path}"], "no diagnostics.npz"),
                      ([f"x={tmp_path / 'dgr'}", "--phase=9"], "phase 9 is not recorded"),
                      ([str(tmp_path / "dgr")], "label=<run workdir>")):
