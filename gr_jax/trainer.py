@@ -379,6 +379,7 @@ class _Chunk(NamedTuple):
 class _SeedLoop:
   """The phase loop of one seed: dispatch, metrics, the save policy, signals and diagnostics."""
   exp: Experiment
+  workdir: str
   checkpointer: ckpt.Checkpointer
   writer: Any
   elapsed: Callable[[], float]
@@ -498,7 +499,7 @@ class _SeedLoop:
       self.diag = diagnostics.append(self.diag, phase, record)
       scalars.update(diagnostics.tensorboard_scalars(record))
       if jax.process_index() == 0:
-        diagnostics.save(self.checkpointer.directory.rsplit(os.sep, 1)[0], self.diag)
+        diagnostics.save(self.workdir, self.diag)
     self.writer.write_scalars(int(run.train.step), scalars, phase=phase)
     return run
 
@@ -543,7 +544,7 @@ def run_seed(exp: Experiment, config: ml_collections.ConfigDict, workdir: str,
   try:
     with (report.MetricWriter(workdir, resume_step=int(run.train.step)) if lead
           else report.NullWriter()) as writer, _Signals() as signals, _CompileClock() as clock:
-      loop = _SeedLoop(exp, checkpointer, writer, elapsed, on_epoch, signals,
+      loop = _SeedLoop(exp, workdir, checkpointer, writer, elapsed, on_epoch, signals,
                        diag=diagnostics.load(workdir) if config.diagnostics else None)
       while int(run.phase) < exp.plan.num_phases:
         phase = int(run.phase)

@@ -3,6 +3,7 @@
 import json
 import logging as py_logging
 import os
+import signal
 
 import jax
 import jax.monitoring
@@ -11,7 +12,9 @@ import numpy as np
 import optax
 import pytest
 
+import gr_jax
 from gr_jax import checkpoint as ckpt
+from gr_jax import diagnostics
 from gr_jax import trainer
 from tiny_run import tiny_config
 
@@ -254,3 +257,57 @@ def test_non_finite_loss_stops_with_clear_error_and_keeps_checkpoint(synthetic_n
   checkpointer.close()
   assert int(run.epoch) == 1 and int(run.phase) == 0
   assert all(np.all(np.isfinite(np.asarray(leaf))) for leaf in jax.tree.leaves(run.train.params))
+
+
+def test_sigterm_saves_and_stops_then_the_run_resumes_bit_identical(synthetic_npz, tmp_path,
+                                                                    uninterrupted):
+  """SIGTERM (a preemption) mid-phase: the run saves after the call in flight and stops cleanly;
+  the same command then finishes it exactly as an uninterrupted run."""
+  _, reference = uninterrupted
+  config = tiny_config(synthetic_npz, **{"checkpoint.every_seconds": 1e9})  # no timed saves
+
+  def preempt(m):
+    if m["phase"] == 1 and m["epoch"] == 0:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  with pytest.raises(trainer.Stopped, match=r"stopped by SIGTERM in phase 1 after epoch \d; "
+                     r"checkpoint saved in .*rerun the same command to resume"):
+    trainer.run(config, str(tmp_path), on_epoch=preempt)
+  assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler is gone again
+  resumed = trainer.run(config, str(tmp_path))
+  for key in ("acc_tag", "acc_taw", "per_class_accuracy", "average_incremental_accuracy"):
+    np.testing.assert_array_equal(np.asarray(resumed[key], dtype=float),
+                                  np.asarray(reference[key], dtype=float), err_msg=key)
+
+
+def test_diagnostics_record_what_the_run_holds(synthetic_npz, uninterrupted, tmp_path):
+  workdir, results = uninterrupted
+  config = tiny_config(synthetic_npz)
+  exp = trainer.build_experiment(config)
+  diag = diagnostics.load(workdir)
+  assert (workdir / "diagnostics.png").stat().st_size > 0
+  phases = exp.plan.num_phases
+  assert diag["phase"].tolist() == list(range(phases))
+  for phase in range(phases):  # π and R_c: the phase constants
+    consts = jax.device_get(trainer.constants(exp, phase))
+    np.testing.assert_array_equal(diag["prior_counts"][phase], consts.class_counts)
+    np.testing.assert_array_equal(diag["lost_counts"][phase], consts.lost_counts)
+  # The last phase's record against the final checkpoint (its optimiser state is that phase's).
+  checkpointer = ckpt.Checkpointer(str(workdir), config.to_dict(), exp.data_digest)
+  run, _ = checkpointer.restore(ckpt.abstract_like(exp.init_run(jax.random.key(0))))
+  checkpointer.close()
+  gr = gr_jax.optim.reweighting_state(run.train.opt_state)
+  np.testing.assert_array_equal(diag["cumulative_norms"][-1], gr.cumulative_norms)
+  np.testing.assert_array_equal(diag["cumulative_kd_norms"][-1], gr.cumulative_kd_norms)
+  np.testing.assert_array_equal(diag["class_scale"][-1], gr.class_scale)
+  assert diag["beta_last"][-1] == gr.kd_scale
+  assert diag["beta_min"][-1] <= diag["beta_mean"][-1] <= diag["beta_max"][-1]
+  kernel = np.asarray(run.train.params["classifier"]["kernel"], np.float64)
+  np.testing.assert_allclose(diag["weight_norm"][-1], np.linalg.norm(kernel, axis=0), rtol=1e-12)
+  np.testing.assert_allclose(diag["accuracy"][-1], results["per_class_accuracy"], rtol=1e-12)
+  # Recording changes no result: the same run without it, to the last bit.
+  plain = trainer.run(tiny_config(synthetic_npz, diagnostics=False), str(tmp_path))
+  assert not (tmp_path / "diagnostics.npz").exists()
+  for key in ("acc_tag", "acc_taw", "per_class_accuracy"):
+    np.testing.assert_array_equal(np.asarray(plain[key], dtype=float),
+                                  np.asarray(results[key], dtype=float), err_msg=key)
