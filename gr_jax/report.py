@@ -19,6 +19,7 @@ import math
 import os
 import secrets
 import struct
+import tempfile
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -235,26 +236,23 @@ def _as_float_array(values: Sequence[Any]) -> np.ndarray:
   return np.asarray([np.nan if v is None else float(v) for v in values], dtype=np.float64)
 
 
-def plot_results(workdir: str | os.PathLike, results: Mapping[str, Any],
-                 train_counts: Sequence[int]) -> str:
-  """Writes ``workdir/accuracy.png`` summarising a run; returns its path.
+def accuracy_figure(results: Mapping[str, Any], train_counts: Sequence[int]):
+  """The figure :func:`plot_results` writes, as a matplotlib ``Figure`` (Agg canvas, no pyplot).
 
-  Left: TAg accuracy A_t per phase, both the unweighted mean over phases (``avg_acc_per_phase``)
-  and the class-weighted one (``avg_acc_per_phase_weighted``). Right: final per-class accuracy
-  (``per_class_accuracy``, percent) against the class's training-set size (log x), which shows how
-  well the tail classes are served.
-
-  Args:
-    workdir: output directory.
-    results: must hold the three keys above.
-    train_counts: training images per class, aligned with ``per_class_accuracy``.
+  Left: TAg accuracy A_t after each phase, both the mean over the tasks seen so far
+  (``avg_acc_per_phase``; its mean over phases is the average incremental accuracy) and the
+  accuracy on all seen test images (``avg_acc_per_phase_weighted``). For a multi-seed run (a
+  ``per_seed`` list) a band shows ± one standard deviation of A_t over the seeds, and the title
+  gives the seed count and the average incremental accuracy as mean ± std. Right: final
+  per-class accuracy (``per_class_accuracy``, percent) against the class's training-set size
+  (log x), which shows how well the tail classes are served.
 
   Raises:
     ValueError: if ``train_counts`` and ``per_class_accuracy`` differ in length.
   """
-  # Figure + Agg canvas directly (no pyplot): no global figure state, no backend switching.
   from matplotlib.backends.backend_agg import FigureCanvasAgg
   from matplotlib.figure import Figure
+  from matplotlib.ticker import MaxNLocator
 
   acc = _as_float_array(results['avg_acc_per_phase'])
   acc_w = _as_float_array(results['avg_acc_per_phase_weighted'])
@@ -268,13 +266,23 @@ def plot_results(workdir: str | os.PathLike, results: Mapping[str, Any],
   FigureCanvasAgg(fig)
   ax_phase, ax_class = fig.subplots(1, 2)
 
-  ax_phase.plot(np.arange(acc.size), acc, 'o-', label='A_t (mean over phases)')
-  ax_phase.plot(np.arange(acc_w.size), acc_w, 's--', label='A_t (class-weighted)')
+  phases = np.arange(acc.size)
+  ax_phase.plot(phases, acc, 'o-', label='A_t, mean over tasks seen')
+  ax_phase.plot(np.arange(acc_w.size), acc_w, 's--', label='A_t, all seen test images')
+  title = 'TAg accuracy per phase'
+  aia = results.get('average_incremental_accuracy')
+  per_seed = results.get('per_seed') or []
+  if len(per_seed) > 1:
+    std = np.nanstd([_as_float_array(r['avg_acc_per_phase']) for r in per_seed], axis=0)
+    ax_phase.fill_between(phases, acc - std, acc + std, alpha=0.2,
+                          label='A_t ± 1 std over seeds')
+    title += (f'\n{len(per_seed)} seeds, avg. incremental {float(aia):.2f} ± '
+              f'{float(results["average_incremental_accuracy_std"]):.2f}%')
+  elif aia is not None:
+    title += f' (avg. incremental {float(aia):.2f}%)'
+  ax_phase.xaxis.set_major_locator(MaxNLocator(integer=True))
   ax_phase.set_xlabel('phase')
   ax_phase.set_ylabel('TAg accuracy (%)')
-  title = 'TAg accuracy per phase'
-  if results.get('average_incremental_accuracy') is not None:
-    title += f' (avg. incremental {float(results["average_incremental_accuracy"]):.2f}%)'
   ax_phase.set_title(title)
   ax_phase.grid(alpha=0.3)
   ax_phase.legend()
@@ -286,12 +294,65 @@ def plot_results(workdir: str | os.PathLike, results: Mapping[str, Any],
   ax_class.set_title('Final per-class accuracy vs. training-set size')
   ax_class.grid(alpha=0.3, which='both')
   fig.tight_layout()
+  return fig
 
+
+def plot_results(workdir: str | os.PathLike, results: Mapping[str, Any],
+                 train_counts: Sequence[int]) -> str:
+  """Writes :func:`accuracy_figure` to ``workdir/accuracy.png``; returns its path.
+
+  Args:
+    workdir: output directory.
+    results: a run's results (``avg_acc_per_phase``, ``avg_acc_per_phase_weighted``,
+      ``per_class_accuracy``; for several seeds also ``per_seed``).
+    train_counts: training images per class, aligned with ``per_class_accuracy``.
+  """
+  fig = accuracy_figure(results, train_counts)
   workdir = os.fspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, PLOT_FILE)
   _atomic_write(path, lambda f: fig.savefig(f, format='png', dpi=100), mode='wb')
   return path
+
+
+def check_workdir(workdir: str | os.PathLike) -> None:
+  """Refuses, in one line, a run directory that cannot hold a run's files, before any data is read
+  (otherwise the first checkpoint save fails with an OSError traceback from inside Orbax).
+
+  Makes the missing folders of ``workdir`` and creates and removes a file in it, which proves it
+  writable; the folders it made go again, so a run refused later for another reason leaves none.
+  Nothing already in ``workdir`` is touched.
+
+  Raises:
+    ValueError: naming the path, why it cannot be written and the fix (another ``--workdir``).
+  """
+  workdir = os.fspath(workdir)
+  fix = 'give --workdir=<a writable folder> (a new or existing run directory)'
+  missing = []
+  existing = os.path.abspath(workdir)
+  while not os.path.exists(existing):
+    missing.append(existing)
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    if existing == os.path.abspath(workdir):
+      raise ValueError(f'workdir {workdir} is a file, not a directory: {fix}')
+    raise ValueError(f'workdir {workdir} cannot be made ({existing} is a file, not a directory): '
+                     f'{fix}')
+  made = []
+  try:
+    for folder in reversed(missing):
+      os.mkdir(folder)
+      made.append(folder)
+    fd, probe = tempfile.mkstemp(prefix='.write-check-', dir=workdir)
+    os.close(fd)
+    os.remove(probe)
+  except OSError as err:
+    why = err.strerror or str(err)
+    raise ValueError(f'workdir {workdir} cannot be written ({why}'
+                     + (f': {err.filename}' if err.filename else '') + f'): {fix}') from None
+  finally:
+    for folder in reversed(made):
+      os.rmdir(folder)
 
 
 # Keys of a run's results that describe the run rather than a seed's outcome.

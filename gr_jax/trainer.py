@@ -572,9 +572,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   ``workdir/seed_<s>`` as its own single-seed run, and ``workdir/results.json`` pools them.
   """
   parallel.initialize_distributed()
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise ValueError(f"workdir {workdir} is a file, not a directory: give a new or existing "
-                     "run directory")
+  report.check_workdir(workdir)
   exp = build_experiment(config)  # validates the config and loads the data before any file is made
   seeds = config_lib.seeds(config)
   if config.seeds is None:

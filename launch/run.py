@@ -1,8 +1,14 @@
 r"""Runs one gr_jax experiment: ``python launch/run.py --config=configs/cifar100_lt.py[:presets]``.
 
-Flags: ``--config.<key>=<value>`` overrides any config entry; ``--workdir`` (default
-``runs/<config name>-<presets>``) receives checkpoints, results.json, metrics.jsonl, TensorBoard
-events and accuracy.png. Rerunning with the same workdir resumes from the latest checkpoint.
+Flags: ``--config.<key>=<value>`` overrides any config entry; ``--workdir`` receives checkpoints,
+results.json, metrics.jsonl, TensorBoard events and accuracy.png. Rerunning with the same workdir
+resumes from the latest checkpoint. The default workdir is ``runs/<config name>-<presets>``, plus
+``-<8 hex digits>`` when ``--config.*`` overrides change what the run computes (a hash of those
+entries and their values), so runs of one preset under other settings get workdirs of their own;
+overrides of how a run is observed, resumed or spread over devices (``gr_jax.config.
+OBSERVATION_KEYS``: ``checkpoint``, ``num_devices``, ``epochs_per_call``, ...) keep the workdir,
+so such a run still resumes. SIGTERM / SIGINT save a checkpoint and stop the run (status 128 + the
+signal's number); the same command resumes it.
 """
 
 import hashlib
@@ -21,12 +27,16 @@ import ml_collections
 from ml_collections import config_flags
 import tqdm
 
+from gr_jax import config as config_lib
+from gr_jax import report
 from gr_jax import trainer
 from gr_jax.data import sources
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file[:presets].",
                                           lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config>).")
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Run directory (default: runs/<config>-<presets>[-<hash of the --config.* "
+    "overrides>]; see the module docstring).")
 flags.mark_flags_as_required(["config"])
 
 
@@ -117,12 +127,29 @@ class _Progress:
       self._bar = None
 
 
-def _default_workdir() -> str:
-  """runs/<config file stem>[-<presets>], e.g. runs/cifar100_lt-lfh50_10x5-finetune."""
+def _overrides_hash(config: ml_collections.ConfigDict, argv: list[str]) -> str:
+  """``-<8 hex digits>`` of a sha256 of the entries that ``--config.*`` arguments in ``argv``
+  override, with their values in ``config`` (as parsed, so two spellings of one setting agree);
+  "" when there are none. Entries in ``config.OBSERVATION_KEYS`` are left out: they do not change
+  the run."""
+  settings = []
+  for path in sorted(set(_override_paths(argv))):
+    if path.split(".")[0] in config_lib.OBSERVATION_KEYS:
+      continue
+    value = config
+    for key in path.split("."):
+      value = value[key]
+    settings.append(f"{path}={value!r}")
+  return "-" + hashlib.sha256("\n".join(settings).encode()).hexdigest()[:8] if settings else ""
+
+
+def _default_workdir(argv: list[str]) -> str:
+  """runs/<config file stem>[-<presets>][-<overrides hash>], e.g. runs/cifar100_lt-lfs20-1a2b3c4d."""
   flag = flags.FLAGS["config"]
   stem = os.path.splitext(os.path.basename(config_flags.get_config_filename(flag)))[0]
   presets = flag.serialize().partition(":")[2]
-  return os.path.join("runs", stem + (f"-{presets.replace(',', '-')}" if presets else ""))
+  return os.path.join("runs", stem + (f"-{presets.replace(',', '-')}" if presets else "")
+                      + _overrides_hash(_CONFIG.value, argv))
 
 
 def _use_compilation_cache(directory: str) -> None:
@@ -152,18 +179,26 @@ _OWN_CODE = (os.path.dirname(os.path.abspath(trainer.__file__)) + os.sep, _LAUNC
              os.path.join(os.path.dirname(_LAUNCH_DIR), "configs") + os.sep)
 
 
+def _info_from_verbosity_1(record: py_logging.LogRecord) -> bool:
+  """Other packages' INFO that shows only from ``--verbosity=1``: orbax's (about 40 lines per
+  checkpoint save; it logs through absl, so it is known by its file) and JAX's (its own loggers;
+  chiefly ``Unable to initialize backend 'tpu'`` at the start of every run on a machine without
+  one)."""
+  return f"{os.sep}orbax{os.sep}" in record.pathname or record.name.split(".")[0] == "jax"
+
+
 def _keep_log_record(record: py_logging.LogRecord) -> bool:
   """What reaches the terminal: warnings and errors always, and gr_jax's own records at the
   ``--verbosity`` asked for. Other packages' DEBUG records (orbax and tfds log through absl) are cut
   unless ``--verbosity=2`` (JAX's, when asked for with ``JAX_LOGGING_LEVEL``, print through JAX's
-  own handler), and orbax's INFO (about 40 lines per checkpoint save) shows from ``--verbosity=1``."""
+  own handler), and orbax's and JAX's INFO show from ``--verbosity=1``."""
   verbosity = logging.get_verbosity()
   if (record.levelno >= py_logging.WARNING or verbosity > logging.DEBUG
       or record.pathname.startswith(_OWN_CODE)):
     return True
   if record.levelno < py_logging.INFO:
     return False
-  return verbosity >= logging.DEBUG or f"{os.sep}orbax{os.sep}" not in record.pathname
+  return verbosity >= logging.DEBUG or not _info_from_verbosity_1(record)
 
 
 def _hold_other_loggers_at_info() -> None:
@@ -177,12 +212,31 @@ def _hold_other_loggers_at_info() -> None:
     py_logging.getLogger().setLevel(py_logging.INFO)
 
 
+def _summary(results: dict, config: ml_collections.ConfigDict, workdir: str) -> str:
+  """The run's final terminal lines: its two accuracies (mean ± std over several seeds), where the
+  results are, and for a smoke run why its numbers are low."""
+  seeds = len(results.get("per_seed") or ()) or 1
+
+  def accuracy(key):
+    if seeds == 1:
+      return f"{results[key]:.2f}%"
+    return f"{results[key]:.2f} ± {results[key + '_std']:.2f}% ({seeds} seeds)"
+
+  line = (f"average incremental accuracy {accuracy('average_incremental_accuracy')}  "
+          f"last accuracy {accuracy('last_accuracy')}  ({workdir}/results.json)")
+  if config.optim.epochs == 1 and config.protocol.max_train_per_class is not None:  # :smoke
+    line += (f"\nsmoke run: 1 epoch on at most {config.protocol.max_train_per_class} images of "
+             "each class, so near-chance accuracy and a climbing loss are expected; drop :smoke "
+             "for the real protocol")
+  return line
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_keep_log_record)
   _hold_other_loggers_at_info()
-  workdir = _WORKDIR.value or _default_workdir()
+  workdir = _WORKDIR.value or _default_workdir(sys.argv[1:])
   _use_compilation_cache(_CONFIG.value.compilation_cache_dir)
   progress = _Progress()
   try:
@@ -190,11 +244,14 @@ def main(argv):
   except (ValueError, FileNotFoundError, FloatingPointError, sources.MissingExtraError) as err:
     # Input, installation and numerical errors: the message says what to fix; no traceback needed.
     raise SystemExit(f"error: {err}") from None
+  except trainer.Stopped as stop:  # a preemption: saved, and resumable
+    progress.close()
+    print(stop, file=sys.stderr)
+    sys.exit(128 + stop.signum)
   finally:
     progress.close()
   logging.info("results in %s", os.path.join(workdir, "results.json"))
-  print(f"average incremental accuracy {results['average_incremental_accuracy']:.2f}%  "
-        f"last accuracy {results['last_accuracy']:.2f}%  ({workdir}/results.json)")
+  print(_summary(results, _CONFIG.value, workdir))
 
 
 if __name__ == "__main__":

@@ -1,20 +1,51 @@
-"""launch/run.py: flag and config errors, what reaches the log, the compilation cache."""
+"""launch/run.py: flag and config errors, what reaches the log, the compilation cache, the default
+workdir and the final lines of a run."""
 
 import logging as py_logging
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+CONFIG = str(REPO / "configs" / "cifar100_lt.py")
+# XLA:CPU compiles the tiny runs' programs about twice as fast without its costlier optimisations.
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
-def _launch(*args, cwd=REPO, timeout=300):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, "launch/run.py", *args], cwd=cwd, env=env,
-                        capture_output=True, text=True, timeout=timeout)
+def _env(xla_flags=""):
+  """The caller's environment on the CPU, ``xla_flags`` added after the caller's ``$XLA_FLAGS``
+  (kept: e.g. ``--xla_cpu_max_isa=AVX2``; a flag given twice takes its last value)."""
+  caller = os.environ.get("XLA_FLAGS", "")
+  return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"{caller} {xla_flags}".strip())
+
+
+def _launch(*args, cwd=REPO, env=None, timeout=300):
+  return subprocess.run([sys.executable, str(REPO / "launch" / "run.py"), *args], cwd=cwd,
+                        env=env or _env(), capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def tiny_npz(tmp_path_factory):
+  """4 classes of random 8×8 images (10 train, 4 test each): a whole run in seconds."""
+  rng = np.random.default_rng(0)
+  path = tmp_path_factory.mktemp("data") / "tiny.npz"
+  y_train, y_test = np.repeat(np.arange(4), 10), np.repeat(np.arange(4), 4)
+  np.savez(path, x_train=rng.integers(0, 256, (40, 8, 8, 3), dtype=np.uint8), y_train=y_train,
+           x_test=rng.integers(0, 256, (16, 8, 8, 3), dtype=np.uint8), y_test=y_test)
+  return path
+
+
+def _tiny_run_flags(npz):
+  """The smoke preset on ``tiny_npz``: one phase of 4 classes, batches of 8."""
+  return [f"--config={CONFIG}:smoke", "--config.data.source=npz", f"--config.data.path={npz}",
+          "--config.data.name=tiny", "--config.data.image_size=8", "--config.protocol.num_tasks=1",
+          "--config.protocol.nc_first_task=0", "--config.protocol.rho=0.5",
+          "--config.optim.batch_size=8", "--config.eval_chunk=8", "--config.compilation_cache_dir="]
 
 
 def test_launch_points_the_compilation_cache_at_the_config_dir(tmp_path):
@@ -27,10 +58,11 @@ import os, sys
 sys.path.insert(0, {str(REPO)!r})
 import jax, jax.numpy as jnp
 from launch import run
+caller_flags = os.environ["XLA_FLAGS"]
 def cache_for(directory, xla_flags=""):
   os.environ["XLA_FLAGS"] = xla_flags
   run._use_compilation_cache(directory)
-  del os.environ["XLA_FLAGS"]
+  os.environ["XLA_FLAGS"] = caller_flags
   return jax.config.jax_compilation_cache_dir
 assert not cache_for("")
 os.environ["JAX_COMPILATION_CACHE_DIR"] = "/elsewhere"
@@ -44,13 +76,14 @@ flagged = cache_for("~/xla", two)
 assert os.path.dirname(flagged) == home_xla and flagged != det.replace("/elsewhere", home_xla)
 assert cache_for("~/xla", " ".join(reversed(two.split()))) == flagged  # flag order does not matter
 assert cache_for("~/xla") == home_xla
+run._use_compilation_cache("~/xla")  # under the caller's flags, as a run gets it
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.jit(lambda x: jnp.sin(x) @ x.T)(jnp.ones((8, 8))).block_until_ready()
-print(sorted(os.listdir(os.path.join({str(tmp_path)!r}, "xla"))))
+print(sorted(name for _, _, names in os.walk(home_xla) for name in names))
 """
-  env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+  env = {k: v for k, v in _env().items() if k != "JAX_COMPILATION_CACHE_DIR"}
   done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                        env=dict(env, JAX_PLATFORMS="cpu", HOME=str(tmp_path)), timeout=120)
+                        env=dict(env, HOME=str(tmp_path)), timeout=120)
   assert done.returncode == 0, done.stderr[-2000:]
   assert "-cache" in done.stdout
   from gr_jax import config as config_lib  # pylint: disable=g-import-not-at-top
@@ -173,14 +206,11 @@ def test_launch_refuses_a_config_file_it_cannot_load_in_one_line(tmp_path):
 
 def test_launch_refuses_more_devices_than_visible_before_reading_data(tmp_path):
   """On the CPU the error says how to force more host devices; no data is read (the npz path does
-  not exist) and no workdir is made."""
+  not exist) and no workdir is made. One host device is forced after the caller's flags."""
   workdir = tmp_path / "run"
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  done = subprocess.run(
-      [sys.executable, "launch/run.py", "--config=configs/cifar100_lt.py:smoke",
-       "--config.data.source=npz", "--config.data.path=/nonexistent/cifar.npz",
-       "--config.num_devices=3", f"--workdir={workdir}"],
-      cwd=REPO, env=dict(env, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=300)
+  done = _launch("--config=configs/cifar100_lt.py:smoke", "--config.data.source=npz",
+                 "--config.data.path=/nonexistent/cifar.npz", "--config.num_devices=3",
+                 f"--workdir={workdir}", env=_env("--xla_force_host_platform_device_count=1"))
   _assert_refused_in_short(done, workdir, "config.num_devices=3, but 1 cpu device is visible",
                            "XLA_FLAGS=--xla_force_host_platform_device_count=3")
 
@@ -213,5 +243,114 @@ def test_launch_without_the_tfds_extra_says_how_to_install_it(tmp_path):
           f"'--workdir={workdir}']\n"
           "runpy.run_path('launch/run.py', run_name='__main__')\n")
   done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
-                        env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=300)
+                        env=_env(), timeout=300)
   _assert_refused_in_short(done, workdir, "[tfds] extra", "pip install -e '.[tfds]'")
+
+
+def test_launch_helpers_keep_the_caller_s_xla_flags(monkeypatch):
+  monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_max_isa=AVX2")
+  assert _env()["XLA_FLAGS"] == "--xla_cpu_max_isa=AVX2"
+  assert _env(FAST_COMPILE)["XLA_FLAGS"] == f"--xla_cpu_max_isa=AVX2 {FAST_COMPILE}"
+
+
+def test_launch_refuses_an_unreadable_npz_in_one_line(tmp_path):
+  """Random bytes (numpy would advise the unsafe allow_pickle) and a cut archive (zipfile's
+  traceback) each end the launcher with one line naming the file."""
+  noise = tmp_path / "noise.npz"
+  noise.write_bytes(np.random.default_rng(0).bytes(4096))
+  workdir = tmp_path / "run"
+  done = _launch("--config=configs/cifar100_lt.py:smoke", "--config.data.source=npz",
+                 f"--config.data.path={noise}", f"--workdir={workdir}")
+  _assert_refused_in_short(done, workdir, str(noise), "not a zip archive", ".npz")
+  assert "allow_pickle" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_launch_refuses_an_unwritable_workdir_in_one_line(tmp_path, tiny_npz):
+  """A workdir inside a file (unwritable even to root) is refused before any data is read."""
+  notes = tmp_path / "notes.txt"
+  notes.write_text("kept")
+  done = _launch(*_tiny_run_flags(tiny_npz), f"--workdir={notes}/run")
+  _assert_refused_in_short(done, notes / "run", f"{notes}/run", "--workdir=<a writable folder>")
+  assert notes.read_text() == "kept" and "npz" not in done.stderr
+
+
+def test_default_workdir_hashes_the_overrides_that_change_the_run():
+  """The default workdir's suffix hashes the overridden entries and their parsed values: another
+  setting gets another workdir (its checkpoints would be refused in the first), a setting spelt
+  otherwise the same one; observation-only entries (checkpointing, devices) add none."""
+  from configs import cifar100_lt  # pylint: disable=g-import-not-at-top
+  from launch import run  # pylint: disable=g-import-not-at-top
+
+  def suffix(*overrides):
+    config = cifar100_lt.get_config("smoke")
+    for arg in overrides:
+      path, value = arg.removeprefix("--config.").split("=")
+      *sections, key = path.split(".")
+      target = config
+      for section in sections:
+        target = target[section]
+      target[key] = type(target[key])(value)
+    return run._overrides_hash(config, list(overrides))
+
+  assert suffix() == "" and suffix("--config.checkpoint.keep=5", "--config.num_devices=1") == ""
+  two = suffix("--config.seeds=0,1")
+  assert re.fullmatch(r"-[0-9a-f]{8}", two), two
+  assert suffix("--config.seeds=0,1,2") != two
+  config = cifar100_lt.get_config("smoke")
+  config.seeds = "0,1"
+  assert run._overrides_hash(config, ["--config.seeds", "0,1"]) == two  # as absl also takes it
+  assert suffix("--config.seed=0", "--config.optim.epochs=2") == suffix(
+      "--config.optim.epochs=2", "--config.seed=0")
+
+
+def test_launch_default_workdirs_of_two_settings_differ(tmp_path, tiny_npz):
+  """Through the command line: with ``runs`` a file in the working directory, each run is refused
+  naming the workdir it would have used."""
+  (tmp_path / "runs").write_text("not a folder")
+  named = []
+  for override in ("--config.seeds=0,1", "--config.seeds=0,2"):
+    done = _launch(*_tiny_run_flags(tiny_npz), override, cwd=tmp_path)
+    assert done.returncode != 0, done.stderr
+    named.append(re.search(r"workdir (runs/\S+) cannot be made", done.stderr).group(1))
+  assert named[0] != named[1] and all(
+      re.fullmatch(r"runs/cifar100_lt-smoke-[0-9a-f]{8}", name) for name in named), named
+
+
+def test_launch_shows_jax_s_backend_probing_only_from_verbosity_1(tmp_path):
+  """Without JAX_PLATFORMS JAX tries every backend and logs at INFO the ones it cannot start
+  (``Unable to initialize backend 'tpu'``): not at the default verbosity, but at 1."""
+  env = {k: v for k, v in _env().items() if k != "JAX_PLATFORMS"}
+  workdir = tmp_path / "run"
+  args = ["--config=configs/cifar100_lt.py:smoke", "--config.data.source=npz",
+          "--config.data.path=/nonexistent/cifar.npz", "--config.num_devices=999",
+          f"--workdir={workdir}"]
+  quiet = _launch(*args, env=env)
+  _assert_refused_in_short(quiet, workdir, "config.num_devices=999")
+  assert "tpu" not in quiet.stderr.lower(), quiet.stderr
+  verbose = _launch(*args, "--verbosity=1", env=env)
+  assert verbose.returncode != 0 and "backend 'tpu'" in verbose.stderr, verbose.stderr[-3000:]
+
+
+def test_launch_ends_with_mean_and_std_over_seeds_and_a_smoke_note(tmp_path, tiny_npz):
+  """A two-seed smoke run in the default workdir: its last lines give both accuracies as mean ± std
+  over the 2 seeds and say that a smoke run's near-chance accuracy is expected."""
+  done = _launch(*_tiny_run_flags(tiny_npz), "--config.seeds=0,1",
+                 "--config.seed_execution=vmap", cwd=tmp_path, env=_env(FAST_COMPILE))
+  assert done.returncode == 0, done.stderr[-3000:]
+  *_, result, note = done.stdout.strip().splitlines()
+  number = r"\d+\.\d\d ± \d+\.\d\d% \(2 seeds\)"
+  assert re.fullmatch(rf"average incremental accuracy {number}  last accuracy {number}  "
+                      r"\((runs/cifar100_lt-smoke-[0-9a-f]{8})/results\.json\)", result), result
+  assert (tmp_path / re.search(r"\((\S+)/results", result).group(1) / "results.json").exists()
+  assert note.startswith("smoke run: 1 epoch") and "drop :smoke" in note, note
+
+
+def test_summary_of_one_seed_and_of_a_full_run():
+  """One seed: plain percentages; a config that is not smoke-sized: no smoke note."""
+  from configs import cifar100_lt  # pylint: disable=g-import-not-at-top
+  from launch import run  # pylint: disable=g-import-not-at-top
+  results = {"average_incremental_accuracy": 33.8214, "last_accuracy": 20.5}
+  full = run._summary(results, cifar100_lt.get_config(), "runs/x")
+  assert full == "average incremental accuracy 33.82%  last accuracy 20.50%  (runs/x/results.json)"
+  smoke = run._summary(results, cifar100_lt.get_config("smoke"), "runs/x")
+  assert smoke.startswith(full + "\nsmoke run: ")

@@ -150,6 +150,77 @@ def test_plot_results_writes_png(tmp_path):
   assert len(data) > 10_000
 
 
+def _seed_results(*curves):
+  """A multi-seed results dict as report.seed_summary makes it, one A_t curve per seed."""
+  per_seed = [{'avg_acc_per_phase': list(c), 'avg_acc_per_phase_weighted': list(c),
+               'per_class_accuracy': [50.0, 40.0], 'average_incremental_accuracy': float(np.mean(c)),
+               'last_accuracy': c[-1]} for c in curves]
+  return report.seed_summary(per_seed)
+
+
+def test_accuracy_figure_labels_integer_phases_and_a_seed_band(tmp_path):
+  """The legend says what A_t averages (the tasks seen; its mean over phases is the AIA), phase
+  ticks are integers, and several seeds get a ± 1 std band and n, AIA mean ± std in the title."""
+  curves = ([80.0, 60.0, 50.0, 40.0, 30.0, 20.0], [70.0, 64.0, 46.0, 44.0, 26.0, 22.0])
+  results = _seed_results(*curves)
+  fig = report.accuracy_figure(results, train_counts=[500, 5])
+  fig.canvas.draw()
+  ax_phase = fig.axes[0]
+  labels = [t.get_text() for t in ax_phase.get_legend().get_texts()]
+  assert labels == ['A_t, mean over tasks seen', 'A_t, all seen test images',
+                    'A_t ± 1 std over seeds']
+  ticks = [t.get_text().replace('\u2212', '-') for t in ax_phase.get_xticklabels()]
+  assert ticks and all(t.lstrip('-').isdigit() for t in ticks), ticks
+  (band,) = ax_phase.collections
+  upper = band.get_paths()[0].vertices[:, 1].max()
+  lower = band.get_paths()[0].vertices[:, 1].min()
+  std = np.std(curves, axis=0)
+  # The band's ends are mean ± population std of the seeds; float64 path vertices, exact to ~1e-12.
+  np.testing.assert_allclose([upper, lower], [max(np.mean(curves, 0) + std),
+                                              min(np.mean(curves, 0) - std)], rtol=1e-12)
+  aia = np.mean(curves, axis=1)
+  title = ax_phase.get_title()
+  assert '2 seeds' in title and f'{aia.mean():.2f} ± {aia.std():.2f}%' in title, title
+  single = report.accuracy_figure(results['per_seed'][0], train_counts=[500, 5])
+  assert not single.axes[0].collections  # one seed: no band
+  path = report.plot_results(tmp_path, results, train_counts=[500, 5])
+  assert open(path, 'rb').read(8) == _PNG_MAGIC and os.path.getsize(path) > 10_000
+
+
+def test_check_workdir_makes_nothing_and_touches_nothing(tmp_path):
+  """A new workdir is proved writable and left absent (a run refused later makes none); an
+  existing one keeps what it holds."""
+  new = tmp_path / 'a' / 'b' / 'run'
+  report.check_workdir(new)
+  assert not (tmp_path / 'a').exists()
+  (tmp_path / 'old').mkdir()
+  (tmp_path / 'old' / 'results.json').write_text('{}')
+  report.check_workdir(str(tmp_path / 'old'))
+  assert os.listdir(tmp_path / 'old') == ['results.json']
+
+
+def test_check_workdir_refuses_what_cannot_be_written_in_one_line(tmp_path):
+  """A file, a path inside a file, and a folder where files cannot be created (/proc refuses
+  them even to root; a read-only folder refuses them to other users) each give one line naming the
+  path, why, and the fix."""
+  notes = tmp_path / 'notes.txt'
+  notes.write_text('kept')
+  cases = [(notes, 'is a file, not a directory'),
+           (notes / 'run', f'{notes} is a file, not a directory'),
+           ('/proc/gr_jax_run', 'cannot be written')]
+  if os.geteuid() != 0:
+    locked = tmp_path / 'locked'
+    locked.mkdir(mode=0o555)
+    cases.append((locked / 'run', 'Permission denied'))
+  for workdir, says in cases:
+    with pytest.raises(ValueError) as err:
+      report.check_workdir(workdir)
+    message = str(err.value)
+    assert '\n' not in message and says in message and str(workdir) in message, message
+    assert '--workdir=<a writable folder>' in message, message
+  assert notes.read_text() == 'kept'
+
+
 def test_plot_results_rejects_misaligned_counts(tmp_path):
   results = {'avg_acc_per_phase': [1.0], 'avg_acc_per_phase_weighted': [1.0],
              'per_class_accuracy': [1.0, 2.0]}

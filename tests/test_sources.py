@@ -3,6 +3,7 @@
 import logging
 import os
 import pathlib
+import zipfile
 
 import numpy as np
 from PIL import Image
@@ -217,3 +218,63 @@ def test_list_malformed_line(tmp_path, tiny):
   (tmp_path / "test.txt").write_text(f"{p0}0\n{p1}\n")
   with pytest.raises(ValueError, match=r"test.txt, line 1"):
     sources.load_dataset("list", path=str(tmp_path))
+
+
+# --- npz files that are not readable archives -----------------------------------------------------
+
+
+def _small_npz(path, compressed=False):
+  x = np.zeros((4, 4, 4, 3), np.uint8)
+  y = np.arange(4, dtype=np.int64)
+  (np.savez_compressed if compressed else np.savez)(path, x_train=x, y_train=y, x_test=x, y_test=y)
+  return path
+
+
+def _assert_one_line_naming(err, path):
+  message = str(err.value)
+  assert "\n" not in message and str(path) in message, message
+  assert "allow_pickle" not in message, message
+  assert "compressed numpy .npz" in message and "x_test, y_test" in message, message
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_a_truncated_npz_is_one_error_naming_the_file(tmp_path, compressed):
+  whole = _small_npz(tmp_path / "whole.npz", compressed).read_bytes()
+  cut = tmp_path / "cut.npz"
+  cut.write_bytes(whole[:len(whole) // 2])
+  with pytest.raises(ValueError) as err:
+    sources.load_dataset("npz", path=str(cut))
+  _assert_one_line_naming(err, cut)
+
+
+def test_a_non_zip_npz_is_one_error_that_never_suggests_allow_pickle(tmp_path):
+  """np.load takes bytes that are no zip for a pickle and suggests allow_pickle=True: unsafe."""
+  noise = tmp_path / "noise.npz"
+  noise.write_bytes(np.random.default_rng(0).bytes(4096))
+  npy = tmp_path / "array.npz"  # a lone .npy array under an .npz name
+  with open(npy, "wb") as f:
+    np.save(f, np.zeros(3))
+  for path in (noise, npy):
+    with pytest.raises(ValueError) as err:
+      sources.load_dataset("npz", path=str(path))
+    _assert_one_line_naming(err, path)
+
+
+def test_npz_members_that_are_damaged_pickled_or_not_arrays_are_one_error(tmp_path):
+  damaged = tmp_path / "damaged.npz"
+  data = bytearray(_small_npz(tmp_path / "ok.npz").read_bytes())
+  pixels = data.index(b"\x93NUMPY") + 128  # x_train's zeros, after its .npy header
+  data[pixels:pixels + 16] = b"\xff" * 16  # no longer match the member's CRC
+  damaged.write_bytes(bytes(data))
+  pickled = tmp_path / "pickled.npz"
+  x = np.zeros((4, 4, 4, 3), np.uint8)
+  np.savez(pickled, x_train=x, y_train=np.arange(4), x_test=x, y_test=np.arange(4),
+           fine_label_names=np.array(["a", 1, None, 2.0], dtype=object))
+  raw = tmp_path / "raw.npz"
+  with zipfile.ZipFile(raw, "w") as archive:
+    archive.writestr("x_train.npy", b"pixels without an .npy header")
+  for path, says in ((damaged, "damaged"), (pickled, "pickled Python objects"),
+                     (raw, "x_train is not a numpy array")):
+    with pytest.raises(ValueError, match=says) as err:
+      sources.load_dataset("npz", path=str(path))
+    _assert_one_line_naming(err, path)

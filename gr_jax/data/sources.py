@@ -43,6 +43,8 @@ import threading
 import urllib.parse
 import urllib.request
 from typing import Any, Sequence, Union
+import zipfile
+import zlib
 
 from absl import logging
 import numpy as np
@@ -67,6 +69,9 @@ KNOWN_TFDS_DATASETS = {
 
 _NPZ_REQUIRED_KEYS = ("x_train", "y_train", "x_test", "y_test")
 _NPZ_NAME_KEYS = ("fine_label_names", "label_names", "class_names")
+_NPZ_LAYOUT = ("an uncompressed or compressed numpy .npz (np.savez / np.savez_compressed) with "
+               "arrays x_train uint8 [N,H,W,3], y_train [N], x_test, y_test and optionally "
+               "fine_label_names")
 
 
 ArrayLike = Union[np.ndarray, "LazyImages"]
@@ -407,10 +412,10 @@ def _require_path(path: str | os.PathLike | None, source: str) -> pathlib.Path:
   return pathlib.Path(path).expanduser()
 
 
-def _npz_names(archive, num_classes: int) -> tuple[str, ...]:
+def _npz_names(arrays: dict[str, np.ndarray], num_classes: int) -> tuple[str, ...]:
   for key in _NPZ_NAME_KEYS:
-    if key in archive.files:
-      names = tuple(str(n) for n in archive[key])
+    if key in arrays:
+      names = tuple(str(n) for n in arrays[key])
       if len(names) != num_classes:
         raise ValueError(f"npz key {key!r} has {len(names)} names for {num_classes} classes")
       return names
@@ -423,31 +428,52 @@ def _name_note(name: str | None, default: str) -> str:
   return f"; dataset name {name!r}" if name and name != default else ""
 
 
+def _read_npz(path: pathlib.Path) -> tuple[list[str], dict[str, np.ndarray]]:
+  """The archive's array names and the arrays :func:`_load_npz` uses, or one ValueError naming the
+  file when it is not a readable npz. ``np.load`` alone takes any non-zip bytes for a pickle (and
+  advises the unsafe ``allow_pickle=True``) and lets zipfile's traceback out for a truncated or
+  damaged archive."""
+  with open(path, "rb") as f:  # a file that cannot be opened fails here with its own OSError
+    if not zipfile.is_zipfile(f):
+      raise ValueError(f"npz file {path} is not a zip archive (truncated, or another format); "
+                       f"expected {_NPZ_LAYOUT}")
+  try:
+    with np.load(path, allow_pickle=False) as archive:
+      files = sorted(archive.files)
+      arrays = {k: archive[k] for k in files if k in _NPZ_REQUIRED_KEYS + _NPZ_NAME_KEYS}
+  except (zipfile.BadZipFile, zlib.error, EOFError, ValueError) as err:
+    reason = ("it holds pickled Python objects, which are never loaded (unsafe); store plain "
+              "arrays, e.g. np.array(names, dtype=str)" if "allow_pickle" in str(err)
+              else f"damaged: {err}")
+    raise ValueError(f"npz file {path} cannot be read ({reason}); expected {_NPZ_LAYOUT}") from None
+  for key, value in arrays.items():
+    if not isinstance(value, np.ndarray):  # np.load hands a member without the .npy header as bytes
+      raise ValueError(f"npz file {path}: {key} is not a numpy array; expected {_NPZ_LAYOUT}")
+  return files, arrays
+
+
 def _load_npz(path: pathlib.Path, *, name: str | None, image_size: int | None) -> Dataset:
   """Reads the whole archive into memory (it is read once per process; ~170 MB for CIFAR-100)."""
   if not path.is_file():
-    raise FileNotFoundError(
-        f"npz file not found: {path} (expected a .npz with arrays x_train uint8 [N,H,W,3], "
-        "y_train [N], x_test, y_test and optionally fine_label_names)")
-  with np.load(path, allow_pickle=False) as archive:
-    missing = [k for k in _NPZ_REQUIRED_KEYS if k not in archive.files]
-    if missing:
-      raise ValueError(f"npz file {path} lacks arrays {missing} (has {sorted(archive.files)}); "
-                       f"expected {list(_NPZ_REQUIRED_KEYS)}")
-    arrays = {k: archive[k] for k in _NPZ_REQUIRED_KEYS}
-    for split in ("train", "test"):
-      x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
-      if x.ndim != 4 or x.shape[-1] != 3 or x.dtype != np.uint8:
-        raise ValueError(f"npz file {path}: x_{split} must be uint8 [N, H, W, 3], got "
-                         f"{x.dtype} {x.shape}")
-      if y.ndim != 1 or y.shape[0] != x.shape[0]:
-        raise ValueError(f"npz file {path}: y_{split} must be [N] with N = {x.shape[0]} "
-                         f"(len of x_{split}), got shape {y.shape}")
-    if arrays["x_train"].shape[1:] != arrays["x_test"].shape[1:]:
-      raise ValueError(f"npz file {path}: x_train images are {arrays['x_train'].shape[1:]} but "
-                       f"x_test images are {arrays['x_test'].shape[1:]}")
-    num_classes = int(max(arrays["y_train"].max(), arrays["y_test"].max())) + 1
-    class_names = _npz_names(archive, num_classes)
+    raise FileNotFoundError(f"npz file not found: {path} (expected {_NPZ_LAYOUT})")
+  files, arrays = _read_npz(path)
+  missing = [k for k in _NPZ_REQUIRED_KEYS if k not in arrays]
+  if missing:
+    raise ValueError(f"npz file {path} lacks arrays {missing} (has {files}); "
+                     f"expected {list(_NPZ_REQUIRED_KEYS)}")
+  for split in ("train", "test"):
+    x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+    if x.ndim != 4 or x.shape[-1] != 3 or x.dtype != np.uint8:
+      raise ValueError(f"npz file {path}: x_{split} must be uint8 [N, H, W, 3], got "
+                       f"{x.dtype} {x.shape}")
+    if y.ndim != 1 or y.shape[0] != x.shape[0]:
+      raise ValueError(f"npz file {path}: y_{split} must be [N] with N = {x.shape[0]} "
+                       f"(len of x_{split}), got shape {y.shape}")
+  if arrays["x_train"].shape[1:] != arrays["x_test"].shape[1:]:
+    raise ValueError(f"npz file {path}: x_train images are {arrays['x_train'].shape[1:]} but "
+                     f"x_test images are {arrays['x_test'].shape[1:]}")
+  num_classes = int(max(arrays["y_train"].max(), arrays["y_test"].max())) + 1
+  class_names = _npz_names(arrays, num_classes)
   height, width = arrays["x_train"].shape[1:3]
   if image_size is not None and (height, width) != (image_size, image_size):
     raise ValueError(f"npz file {path} stores {height}x{width} images; image_size={image_size} "
