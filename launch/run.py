@@ -28,7 +28,6 @@ from ml_collections import config_flags
 import tqdm
 
 from gr_jax import config as config_lib
-from gr_jax import report
 from gr_jax import trainer
 from gr_jax.data import sources
 
