@@ -272,10 +272,6 @@ class LazyImages:
     out = self[np.arange(len(self))]
     return out if dtype is None else out.astype(dtype)
 
-  def materialize(self) -> np.ndarray:
-    """Decodes every image into one uint8 ``[N, H, W, 3]`` array (small sets only)."""
-    return self[np.arange(len(self))]
-
   def subset(self, index: Any) -> "LazyImages":
     """The images at ``index`` as a new lazy container, without decoding anything."""
     idx = self._indices(index)
