@@ -355,18 +355,6 @@ class _CompileClock:
     jax.monitoring.unregister_event_duration_listener(self._listen)
 
 
-def _compile_in_background(fn: Any, *args: Any) -> Optional[threading.Thread]:
-  """Compiles the jitted ``fn`` for the shapes and shardings of ``args`` in a thread, into JAX's
-  cache, so that its first call does not wait for the compiler. None for a host loop (no jit)."""
-  if not hasattr(fn, "lower"):
-    return None
-  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
-                          args)
-  thread = threading.Thread(target=lambda: fn.lower(*abstract).compile(), daemon=True)
-  thread.start()
-  return thread
-
-
 class _Chunk(NamedTuple):
   """A compiled call's epochs, dispatched; its metrics are read when the next call is on its way."""
   epoch: int
@@ -388,7 +376,6 @@ class _SeedLoop:
   diag: Optional[dict[str, np.ndarray]] = None
   last_save: float = dataclasses.field(default_factory=time.time)
   last_fetch: float = 0.0
-  precompiling: Optional[threading.Thread] = None
 
   def _record(self, phase: int, chunk: _Chunk, stats: dict[str, np.ndarray], timing):
     """Reads a finished call's metrics: checks the loss, writes the epochs' scalars, adds the
@@ -453,12 +440,9 @@ class _SeedLoop:
     while epoch < epochs:
       count = min(per_call - epoch % per_call, epochs - epoch)
       lrs = [_learning_rate(cfg.optim, e) for e in range(epoch, epoch + count)]
-      args = (run.train, teacher, data, consts, _epoch_keys(run.key, phase, epoch, count),
-              jnp.asarray(lrs, jnp.float32))
-      if phase == 0 and exp.plan.num_phases > 1 and self.precompiling is None:
-        # The incremental program has the same argument shapes: compile it while phase 0 trains.
-        self.precompiling = _compile_in_background(exp.incremental_steps.train_epochs, *args)
-      train, metrics = fns.train_epochs(*args)
+      train, metrics = fns.train_epochs(run.train, teacher, data, consts,
+                                        _epoch_keys(run.key, phase, epoch, count),
+                                        jnp.asarray(lrs, jnp.float32))
       run = run.replace(train=train)
       if pending is not None:  # finished: the call just dispatched depends on it
         stats = self._record(phase, pending, stats, timing)
@@ -486,7 +470,7 @@ class _SeedLoop:
     run = jax.block_until_ready(_finish_phase(exp, run, phase))
     timing["time/phase_end_s"] = time.time() - tic
     self._save(run, (phase + 1) * (exp.config.optim.epochs + 1), timing)
-    # Compilation overlaps the other entries (it runs inside the first calls, or in a thread).
+    # Compilation is part of the other entries (it runs inside the first calls of each program).
     scalars = {**_phase_accuracy(exp, run, phase), **timing, "time/compile_s": compile_s()}
     if exp.config.diagnostics:
       record = diagnostics.phase_record(
@@ -552,6 +536,8 @@ def run_seed(exp: Experiment, config: ml_collections.ConfigDict, workdir: str,
         run, consts, timing = loop.train_phase(run, phase)
         run = loop.end_phase(run, phase, consts, timing,
                              compile_s=lambda: clock.seconds - compiled_before)
+        if signals.received is not None and phase + 1 < exp.plan.num_phases:  # saved just now
+          raise Stopped(signals.received, checkpointer.directory, phase, config.optim.epochs - 1)
   finally:
     checkpointer.close()
   results = _results(exp, run, config, elapsed())
