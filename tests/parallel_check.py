@@ -48,6 +48,7 @@ def _parse_args(argv=None):
   parser.add_argument("--epoch_as_scan", default="false", choices=("true", "false"),
                       help="epochs as one lax.scan (the GPU path) instead of a loop of steps")
   parser.add_argument("--workdir", default=None, help="keep the runs here (default: a tmp dir)")
+  parser.add_argument("--verbose", action="store_true", help="print every comparison")
   return parser.parse_args(argv)
 
 
@@ -184,8 +185,9 @@ class Yardstick:
   a tenth of that change, so such a bug cannot pass.
   """
 
-  def __init__(self, depth: int):
+  def __init__(self, depth: int, verbose: bool = False):
     self.depth = depth
+    self.verbose = verbose
     self.worst = {}  # group -> largest difference / tolerance (pass < 1)
 
   def tolerance(self, steps, want, ulp_run):
@@ -199,7 +201,7 @@ class Yardstick:
     tol = self.tolerance(steps, want, ulp_run)
     diff = np.linalg.norm(got - want)
     ratio = diff / tol if tol else float(diff > 0)
-    if os.environ.get("PARALLEL_CHECK_VERBOSE"):
+    if self.verbose:
       print(f"{name}: K={steps} diff={diff:.3g} ulp={np.linalg.norm(ulp_run - want):.3g} "
             f"diff/ulp={diff / max(np.linalg.norm(ulp_run - want), 1e-300):.3g} ratio={ratio:.3g}",
             file=sys.stderr)
@@ -332,7 +334,7 @@ def main(args):
         wdn = os.path.join(root, f"devices_{n}")
         results, devices = train(exp, config, wdn)
         partitioned = check_partitioned(n, exp, results, devices)
-        yard = Yardstick(depth)
+        yard = Yardstick(depth, args.verbose)
         states1 = compare_runs(wd1, wdp, wdn, exp1, yard)
         start = states1[min(s for s, run in states1.items() if int(run.phase) == 1)]
         compare_isolated_step(start, exp1, exp, yard)
