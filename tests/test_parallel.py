@@ -1,13 +1,13 @@
-"""Data parallelism: 1 device vs 2, 4 and 8 forced CPU devices give the same DGR run.
+"""Data parallelism: 1 device vs 2 and 4 forced CPU devices give the same GR/DGR run.
 
-Each case runs ``tests/parallel_check.py`` in its own process, because the number of host (CPU)
-devices is fixed by ``XLA_FLAGS=--xla_force_host_platform_device_count`` before JAX starts; the
-4- and 8-device runs share one process (8 forced devices) and its 1-device reference run. The
-script trains the same 2-phase run (GR phase, then a DGR phase distilling from the phase-0 teacher)
-with ``config.num_devices=1`` and ``=N`` and compares losses, accuracies, params, BatchNorm
-statistics and the reweighting state (Φ, α·r, β) checkpoint by checkpoint; see its docstring.
-On 2 CPU cores the N = 2 case (epochs as ``lax.scan``, the GPU path) takes about 70 s, the 4- and
-8-device case about 100 s.
+``tests/parallel_check.py`` runs in its own process, because the number of host (CPU) devices is
+fixed by ``XLA_FLAGS=--xla_force_host_platform_device_count`` before JAX starts; the caller's
+``XLA_FLAGS`` (``--xla_cpu_max_isa=AVX2``, say) pass through. It trains a 2-phase run (GR phase,
+then a DGR phase distilling from the phase-0 teacher) on a synthetic dataset with
+``config.num_devices=1`` and N, and compares losses, accuracies, params, BatchNorm statistics and
+the reweighting state (Φ, α·r, β) checkpoint by checkpoint, within tolerances it derives from
+float32 rounding; see its docstring. N = 2 and 4 share one process and its 1-device runs (epochs as
+a loop of steps, the CPU path); N = 2 with epochs as one ``lax.scan`` (the GPU path) has its own.
 """
 
 import os
@@ -25,24 +25,22 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "tests" / "parallel_check.py"
 
 
-@pytest.mark.parametrize("num_devices,epoch_as_scan", [((2,), "true"), ((4, 8), "false")],
-                         ids=["2_devices_epoch_scan", "4_and_8_devices"])
-def test_n_devices_match_one_device(cifar100_npz, num_devices, epoch_as_scan):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)  # the script sets the forced device count itself
+@pytest.mark.parametrize("num_devices,epoch_as_scan", [((2, 4), "false"), ((2,), "true")],
+                         ids=["2_and_4_devices", "2_devices_epoch_scan"])
+def test_n_devices_match_one_device(num_devices, epoch_as_scan):
+  env = dict(os.environ)  # XLA_FLAGS pass through; the script adds the forced device count
   proc = subprocess.run(
-      [sys.executable, str(SCRIPT), ",".join(map(str, num_devices)), f"--data={cifar100_npz}",
+      [sys.executable, str(SCRIPT), ",".join(map(str, num_devices)),
        f"--epoch_as_scan={epoch_as_scan}"],
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=500)
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
   summary = [l for l in proc.stdout.splitlines() if l.startswith("PARALLEL_")]
   assert proc.returncode == 0, (
       f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-6000:]}")
-  assert [l.split()[1] for l in summary] == [f"devices={n}" for n in num_devices], (
-      proc.stdout[-4000:])
+  assert [l.split()[:2] for l in summary] == [["PARALLEL_OK", f"devices={n}"]
+                                              for n in num_devices], proc.stdout[-4000:]
   for line in summary:
-    assert line.startswith("PARALLEL_OK "), line
-    # Every compared group reports its largest difference, the partitioned steps were found.
-    for group in ("loss", "params", "batch_stats", "gr_state", "isolated", "params_p1"):
+    # Every compared group reports its difference / tolerance; the partitioned steps were found.
+    for group in ("loss", "params", "batch_stats", "opt_state", "gr", "isolated"):
       assert re.search(rf"\b{group}=[0-9.e+-]+", line), line
     assert int(re.search(r"partitioned_train_modules=(\d+)", line).group(1)) >= 2
     print(line)
@@ -97,14 +95,14 @@ def test_more_devices_than_visible_on_gpu_says_how_many_are_visible(monkeypatch)
   assert "xla_force_host" not in str(err.value)
 
 
-@pytest.mark.parametrize("value", [-1, 1.5, True])
-def test_num_devices_must_be_zero_or_a_positive_integer(value):
-  with pytest.raises(ValueError, match=rf"config.num_devices={value!r}: use 0"):
+@pytest.mark.parametrize("value", [0, -1, 1.5, True])
+def test_num_devices_must_be_none_or_a_positive_integer(value):
+  with pytest.raises(ValueError, match=rf"config.num_devices={value!r}: use None"):
     parallel.check_num_devices(value)
 
 
 def test_num_devices_up_to_the_visible_ones_are_accepted():
   import jax  # pylint: disable=g-import-not-at-top
-  for n in range(jax.device_count() + 1):
+  for n in [None] + list(range(1, jax.device_count() + 1)):
     parallel.check_num_devices(n)
   assert parallel.make_mesh(jax.device_count()).size == jax.device_count()
