@@ -469,9 +469,7 @@ class _SeedLoop:
     stats = jax.device_get(run.phase_stats)
     run = jax.block_until_ready(_finish_phase(exp, run, phase))
     timing["time/phase_end_s"] = time.time() - tic
-    self._save(run, (phase + 1) * (exp.config.optim.epochs + 1), timing)
-    # Compilation is part of the other entries (it runs inside the first calls of each program).
-    scalars = {**_phase_accuracy(exp, run, phase), **timing, "time/compile_s": compile_s()}
+    scalars = _phase_accuracy(exp, run, phase)
     if exp.config.diagnostics:
       record = diagnostics.phase_record(
           jax.device_get(consts), exp.plan.train_counts, head,
@@ -484,7 +482,13 @@ class _SeedLoop:
       scalars.update(diagnostics.tensorboard_scalars(record))
       if jax.process_index() == 0:
         diagnostics.save(self.workdir, self.diag)
-    self.writer.write_scalars(int(run.train.step), scalars, phase=phase)
+    # Compilation is part of the other entries (it runs inside the first calls of each program);
+    # checkpoint_s counts the saves before this one, which Orbax writes in the background.
+    self.writer.write_scalars(int(run.train.step),
+                              {**scalars, **timing, "time/compile_s": compile_s()}, phase=phase)
+    # Saved last: a run killed before this save redoes the phase end, and the writer and the
+    # diagnostics drop what they hold past the checkpoint it resumes from.
+    self._save(run, (phase + 1) * (exp.config.optim.epochs + 1), timing)
     return run
 
 

@@ -8,6 +8,7 @@ the missing path only when it is truly absent.
 """
 import os
 import pathlib
+import tempfile
 
 import pytest
 
@@ -18,6 +19,13 @@ DATA_DIR = pathlib.Path(os.environ.get("GR_JAX_DATA", REPO_ROOT.parent / "shared
 REFERENCE_DIR = pathlib.Path(
     os.environ.get("GR_JAX_REFERENCE", REPO_ROOT.parent / "shared" / "reference"))
 REAL_DATA_FIXTURES = ("cifar100_npz", "tiny_imagenet_dir", "lt_fixture")
+
+# One persistent XLA compilation cache for the session and the subprocesses it starts: the tests
+# build many experiments whose programs are the same, and a compiled program loaded from the cache
+# is the one compiled before, so results do not change. Set before JAX reads its configuration.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="gr_jax_tests_xla_"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
 
 def pytest_collection_modifyitems(items):

@@ -289,7 +289,7 @@ def test_default_workdir_hashes_the_overrides_that_change_the_run():
       target = config
       for section in sections:
         target = target[section]
-      target[key] = type(target[key])(value)
+      target[key] = target.get_type(key)(value)
     return run._overrides_hash(config, list(overrides))
 
   assert suffix() == "" and suffix("--config.checkpoint.keep=5", "--config.num_devices=1") == ""

@@ -75,3 +75,18 @@ def test_method_spec_is_the_shared_one():
   assert _CONVENTION_BLOCK.sub("", ours) == shared.read_text(), (
       "docs/method.md, without its '> **gr_jax convention (the spec is silent):**' blocks, differs "
       "from ../shared/docs/method.md: copy the shared one over it and keep only those blocks")
+
+
+def test_readme_numbers_are_those_of_results_md():
+  """Every 'mean ± std' of README.md's table is in RESULTS.md's summary table, in the same row."""
+  summary = (ROOT / "RESULTS.md").read_text().split("## Summary", 1)[1].split("\n## ", 1)[0]
+  readme_rows = [l for l in (ROOT / "README.md").read_text().splitlines()
+                 if l.startswith("|") and "±" in l]
+  assert readme_rows, "README.md has no results table"
+  for row in readme_rows:
+    setting = row.strip("|").split("|")[0].strip()
+    matches = [l for l in summary.splitlines()
+               if l.startswith("|") and l.strip("|").split("|")[0].strip().startswith(setting)]
+    assert len(matches) == 1, f"RESULTS.md's summary has no single row for {setting!r}"
+    for number in re.findall(r"\d+\.\d+ ± \d+\.\d+", row):
+      assert number in matches[0], f"README's {number} ({setting}) is not in: {matches[0]}"
