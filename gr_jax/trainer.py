@@ -434,8 +434,9 @@ class _SeedLoop:
               "time/checkpoint_s": 0.0}
     teacher = (run.teacher_params, run.teacher_batch_stats)
     stats = dict(jax.tree.map(np.asarray, run.phase_stats), step=int(run.train.step))
-    to_state = lambda stats: parallel.replicate(
-        jax.tree.map(jnp.asarray, {k: v for k, v in stats.items() if k != "step"}), exp.mesh)
+    # Host values into the run state, replicated like the rest of it (a multi-host save needs that).
+    to_state = lambda x: parallel.replicate(jax.tree.map(jnp.asarray, x), exp.mesh)
+    sums = lambda stats: {k: v for k, v in stats.items() if k != "step"}
     epoch, pending = int(run.epoch), None
     while epoch < epochs:
       count = min(per_call - epoch % per_call, epochs - epoch)
@@ -451,13 +452,14 @@ class _SeedLoop:
       if epoch < epochs and (self.signals.received is not None or
                              time.time() - self.last_save >= cfg.checkpoint.every_seconds):
         stats, pending = self._record(phase, pending, stats, timing), None
-        run = run.replace(epoch=jnp.int32(epoch), phase_stats=to_state(stats))
+        run = run.replace(epoch=to_state(np.int32(epoch)), phase_stats=to_state(sums(stats)))
         self._save(run, phase * (epochs + 1) + epoch, timing)
         if self.signals.received is not None:
           raise Stopped(self.signals.received, self.checkpointer.directory, phase, epoch - 1)
     if pending is not None:
       stats = self._record(phase, pending, stats, timing)
-    return run.replace(epoch=jnp.int32(epoch), phase_stats=to_state(stats)), consts, timing
+    run = run.replace(epoch=to_state(np.int32(epoch)), phase_stats=to_state(sums(stats)))
+    return run, consts, timing
 
   def end_phase(self, run: state_lib.RunState, phase: int, consts, timing,
                 compile_s: Callable[[], float]):
@@ -562,7 +564,8 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   ``workdir/seed_<s>`` as its own single-seed run, and ``workdir/results.json`` pools them.
   """
   parallel.initialize_distributed()
-  report.check_workdir(workdir)
+  if jax.process_index() == 0:  # one check: it creates and removes a probe file (and the folder)
+    report.check_workdir(workdir)
   exp = build_experiment(config)  # validates the config and loads the data before any file is made
   seeds = config_lib.seeds(config)
   if config.seeds is None:

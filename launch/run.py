@@ -109,7 +109,7 @@ class _Progress:
     self._phase = None
 
   def __call__(self, m):
-    if m["phase"] != self._phase:
+    if self._bar is None or m["phase"] != self._phase:  # a new phase, or a new seed's first
       self.close()
       self._phase = m["phase"]
       self._bar = tqdm.tqdm(total=m["epochs"], initial=m["epoch"], unit="epoch",

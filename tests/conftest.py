@@ -10,6 +10,7 @@ import os
 import pathlib
 import tempfile
 
+import jax
 import pytest
 
 from tiny_run import write_synthetic_npz
@@ -26,6 +27,10 @@ REAL_DATA_FIXTURES = ("cifar100_npz", "tiny_imagenet_dir", "lt_fixture")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="gr_jax_tests_xla_"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
+# The same for this process, also if a plugin imported JAX before the variables were set.
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
 
 def pytest_collection_modifyitems(items):
