@@ -158,7 +158,7 @@ def save(workdir: str | os.PathLike, diag: Mapping[str, np.ndarray]) -> str:
   workdir = os.fspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, DIAGNOSTICS_FILE)
-  report._atomic_write(path, lambda f: np.savez(f, **diag), mode='wb')  # pylint: disable=protected-access
+  report.atomic_write(path, lambda f: np.savez(f, **diag), mode='wb')
   return path
 
 
@@ -354,5 +354,5 @@ def plot_diagnostics(workdir: str | os.PathLike, diag: Mapping[str, np.ndarray],
   workdir = os.fspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, PLOT_FILE)
-  report._atomic_write(path, lambda f: fig.savefig(f, format='png', dpi=100), mode='wb')  # pylint: disable=protected-access
+  report.atomic_write(path, lambda f: fig.savefig(f, format='png', dpi=100), mode='wb')
   return path

@@ -9,6 +9,7 @@ Conventions: row t = evaluation after phase t, column u = task u; task u owns cl
 """
 
 import math
+from collections.abc import Mapping
 from typing import Any, Sequence
 
 import jax
@@ -145,14 +146,27 @@ def shot_groups(train_counts: np.ndarray) -> dict[str, np.ndarray]:
           "few": counts < FEW_SHOT_BELOW}
 
 
-def _json(x) -> Any:
-  """Nested lists of floats with NaN → None."""
-  if isinstance(x, np.ndarray):
-    return [_json(v) for v in x] if x.ndim else _json(x.item())
-  if isinstance(x, (list, tuple)):
-    return [_json(v) for v in x]
-  x = float(x)
-  return None if math.isnan(x) else x
+def to_json_compatible(value: Any) -> Any:
+  """Recursively converts numpy / JAX values to plain JSON types; NaN and ±inf become None.
+
+  Strict JSON has no NaN / Infinity, and e.g. forgetting is undefined for the first phase, so
+  missing values are written as ``null``.
+  """
+  if isinstance(value, Mapping):
+    return {str(k): to_json_compatible(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [to_json_compatible(v) for v in value]
+  if isinstance(value, (str, bool)) or value is None:
+    return value
+  if isinstance(value, np.generic):
+    return to_json_compatible(value.item())
+  if isinstance(value, int):
+    return value
+  if isinstance(value, float):
+    return value if math.isfinite(value) else None
+  if hasattr(value, "__array__"):  # np.ndarray, jax.Array
+    return to_json_compatible(np.asarray(value).tolist())
+  raise TypeError(f"cannot convert {type(value).__name__} to JSON")
 
 
 def _mean(values: np.ndarray) -> float:
@@ -196,21 +210,21 @@ def summarize(correct_tag: np.ndarray, correct_taw: np.ndarray, num_test: np.nda
   groups = shot_groups(train_counts)
   shot_acc = {name: (_ratio(final[mask].sum(), num_test[mask].sum()) if mask.any() else np.nan)
               for name, mask in groups.items()}
-  return {
-      "acc_tag": _json(acc_tag),
-      "acc_taw": _json(acc_taw),
-      "avg_acc_per_phase": _json(per_phase),
-      "avg_acc_per_phase_taw": _json(per_phase_taw),
-      "avg_acc_per_phase_weighted": _json(per_phase_w),
-      "average_incremental_accuracy": _json(_mean(per_phase)),
-      "average_incremental_accuracy_weighted": _json(_mean(per_phase_w)),
-      "average_incremental_accuracy_taw": _json(_mean(per_phase_taw)),
-      "last_accuracy": _json(per_phase[-1]),
-      "last_accuracy_weighted": _json(per_phase_w[-1]),
-      "last_accuracy_taw": _json(per_phase_taw[-1]),
-      "forgetting": _json(forget),
-      "average_forgetting": _json(_mean(forget[-1, :-1])) if num_tasks > 1 else None,
-      "per_class_accuracy": _json(_ratio(final, num_test)),
-      "shot_accuracy": {name: _json(v) for name, v in shot_acc.items()},
+  return to_json_compatible({
+      "acc_tag": acc_tag,
+      "acc_taw": acc_taw,
+      "avg_acc_per_phase": per_phase,
+      "avg_acc_per_phase_taw": per_phase_taw,
+      "avg_acc_per_phase_weighted": per_phase_w,
+      "average_incremental_accuracy": _mean(per_phase),
+      "average_incremental_accuracy_weighted": _mean(per_phase_w),
+      "average_incremental_accuracy_taw": _mean(per_phase_taw),
+      "last_accuracy": per_phase[-1],
+      "last_accuracy_weighted": per_phase_w[-1],
+      "last_accuracy_taw": per_phase_taw[-1],
+      "forgetting": forget,
+      "average_forgetting": _mean(forget[-1, :-1]) if num_tasks > 1 else None,
+      "per_class_accuracy": _ratio(final, num_test),
+      "shot_accuracy": shot_acc,
       "shot_counts": {name: int(mask.sum()) for name, mask in groups.items()},
-  }
+  })

@@ -30,6 +30,7 @@ from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.summary.writer.record_writer import RecordWriter
 
 from gr_jax import config as config_lib
+from gr_jax import metrics
 
 METRICS_FILE = 'metrics.jsonl'
 TENSORBOARD_DIR = 'tensorboard'
@@ -39,29 +40,6 @@ TENSORBOARD_DIR = 'tensorboard'
 EVENTS_FILE = 'events.out.tfevents.gr_jax'
 RESULTS_FILE = 'results.json'
 PLOT_FILE = 'accuracy.png'
-
-
-def to_json_compatible(value: Any) -> Any:
-  """Recursively converts numpy / JAX values to plain JSON types; NaN and ±inf become None.
-
-  Strict JSON has no NaN / Infinity, and e.g. forgetting is undefined for the first phase, so
-  missing values are written as ``null``.
-  """
-  if isinstance(value, Mapping):
-    return {str(k): to_json_compatible(v) for k, v in value.items()}
-  if isinstance(value, (list, tuple)):
-    return [to_json_compatible(v) for v in value]
-  if isinstance(value, (str, bool)) or value is None:
-    return value
-  if isinstance(value, np.generic):
-    return to_json_compatible(value.item())
-  if isinstance(value, int):
-    return value
-  if isinstance(value, float):
-    return value if math.isfinite(value) else None
-  if hasattr(value, '__array__'):  # np.ndarray, jax.Array
-    return to_json_compatible(np.asarray(value).tolist())
-  raise TypeError(f'cannot convert {type(value).__name__} to JSON')
 
 
 def _valid_records_end(path: str) -> int:
@@ -137,7 +115,7 @@ class MetricWriter:
     """
     step = int(step)
     values = {k: float(np.asarray(v)) for k, v in scalars.items()}
-    record = {**to_json_compatible(context), 'step': step, **to_json_compatible(values)}
+    record = metrics.to_json_compatible({**context, 'step': step, **values})
     self._jsonl.write(json.dumps(record, allow_nan=False) + '\n')
     summary = summary_pb2.Summary(
         value=[summary_pb2.Summary.Value(tag=k, simple_value=v) for k, v in values.items()])
@@ -193,7 +171,7 @@ def _drop_records_after(path: str, step: int):
         continue
       if record.get('step', 0) <= step:
         kept.append(line if line.endswith('\n') else line + '\n')
-  _atomic_write(path, lambda f: f.writelines(kept))
+  atomic_write(path, lambda f: f.writelines(kept))
 
 
 def _ends_with_newline(path: str) -> bool:
@@ -202,7 +180,7 @@ def _ends_with_newline(path: str) -> bool:
     return f.read(1) == b'\n'
 
 
-def _atomic_write(path: str, write_fn, mode: str = 'w'):
+def atomic_write(path: str, write_fn, mode: str = 'w'):
   """Writes via a temporary file in the same directory + ``os.replace``: never a half file, and
   the file gets the permissions ``open`` would give it."""
   tmp = f'{path}.{secrets.token_hex(4)}.tmp'
@@ -226,8 +204,8 @@ def write_results(workdir: str | os.PathLike, results: Mapping[str, Any]) -> str
   workdir = os.fspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, RESULTS_FILE)
-  payload = json.dumps(to_json_compatible(results), indent=2, allow_nan=False) + '\n'
-  _atomic_write(path, lambda f: f.write(payload))
+  payload = json.dumps(metrics.to_json_compatible(results), indent=2, allow_nan=False) + '\n'
+  atomic_write(path, lambda f: f.write(payload))
   return path
 
 
@@ -311,7 +289,7 @@ def plot_results(workdir: str | os.PathLike, results: Mapping[str, Any],
   workdir = os.fspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, PLOT_FILE)
-  _atomic_write(path, lambda f: fig.savefig(f, format='png', dpi=100), mode='wb')
+  atomic_write(path, lambda f: fig.savefig(f, format='png', dpi=100), mode='wb')
   return path
 
 

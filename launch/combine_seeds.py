@@ -16,6 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 
+from gr_jax import metrics
 from gr_jax import report
 
 _OUT = flags.DEFINE_string("out", None, "Where to write the pooled results (JSON).")
@@ -32,7 +33,7 @@ def main(argv):
     raise SystemExit(f"error: {e}") from None
   os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
   with open(_OUT.value, "w") as f:
-    json.dump(report.to_json_compatible(pooled), f, indent=1, allow_nan=False)
+    json.dump(metrics.to_json_compatible(pooled), f, indent=1, allow_nan=False)
     f.write("\n")
   line = (f"{len(pooled['seeds'])} seeds {pooled['seeds']}: average incremental accuracy "
           f"{pooled['average_incremental_accuracy']:.2f}")
