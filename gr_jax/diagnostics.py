@@ -331,12 +331,17 @@ def draw_panels(axes: Sequence[Any], diag: Mapping[str, np.ndarray], phase: Opti
   else:
     ax_factors.plot(phases, factors['r_old'], 'o-', ms=3, label='r_old')
     ax_factors.plot(phases, factors['r_new'], 's-', ms=3, label='r_new')
-    ax_beta = ax_factors.twinx()
-    ax_beta.plot(phases, factors['beta_mean'], 'C2^-', ms=3, label='β (mean)')
-    ax_beta.fill_between(phases, factors['beta_min'], factors['beta_max'], color='C2', alpha=0.2,
-                         label='β (min–max)')
-    ax_beta.set_ylabel('β')
-    handles = [h for a in (ax_factors, ax_beta) for h in a.get_legend_handles_labels()[0]]
+    handles_of = [ax_factors]
+    if np.isnan(factors['beta_mean']).all():  # Φ recorded by the step, no reweighting applied
+      ax_factors.set_title(f'{prefix}r that GR would apply (not applied) per phase', fontsize=10)
+    else:
+      ax_beta = ax_factors.twinx()
+      ax_beta.plot(phases, factors['beta_mean'], 'C2^-', ms=3, label='β (mean)')
+      ax_beta.fill_between(phases, factors['beta_min'], factors['beta_max'], color='C2',
+                           alpha=0.2, label='β (min–max)')
+      ax_beta.set_ylabel('β')
+      handles_of.append(ax_beta)
+    handles = [h for a in handles_of for h in a.get_legend_handles_labels()[0]]
     ax_factors.legend(handles, [h.get_label() for h in handles], fontsize=8)
   for ax in axes:
     ax.grid(alpha=0.3)
