@@ -176,8 +176,8 @@ def _epoch_start(state: TrainState, key, learning_rate, size, capacity: int):
   sums = {"loss_ce": jnp.zeros(()), "loss_kd": jnp.zeros(()), "examples": jnp.zeros(()),
           "steps": jnp.zeros(()), "class_grad_norms": jnp.zeros((num_classes,))}
   if optim.reweighting_state(state.opt_state) is not None:
-    sums.update(gr_beta_sum=jnp.zeros(()), gr_beta_min=jnp.full((), jnp.inf),
-                gr_beta_max=jnp.full((), -jnp.inf))
+    sums.update(gr_beta_sum=jnp.zeros(()), gr_beta_min=jnp.full((), jnp.inf, jnp.float32),
+                gr_beta_max=jnp.full((), -jnp.inf, jnp.float32))
   return (state, sums), order, aug_key
 
 

@@ -126,40 +126,49 @@ def test_workdir_of_another_config_is_refused(synthetic_npz, uninterrupted):
 
 
 class _Lowerings:
-  """Counts the programs JAX lowers (traces into XLA) while entered: every jit cache miss, whether
+  """Names the programs JAX lowers (traces into XLA) while entered: every jit cache miss, whether
   XLA then compiles the program or loads it from a persistent compilation cache."""
 
   def __init__(self):
-    self.count = 0
-    self._on = False
-    jax.monitoring.register_event_duration_secs_listener(self._listen)
+    self.names = []
 
   def _listen(self, event, duration, **kwargs):
-    del duration, kwargs
-    if self._on and event == "/jax/core/compile/jaxpr_to_mlir_module_duration":
-      self.count += 1
+    del duration
+    if event == "/jax/core/compile/jaxpr_to_mlir_module_duration":
+      self.names.append(kwargs.get("fun_name"))
 
   def __enter__(self):
-    self._on = True
+    jax.monitoring.register_event_duration_secs_listener(self._listen)
     return self
 
   def __exit__(self, *exc):
-    self._on = False
+    jax.monitoring.unregister_event_duration_listener(self._listen)
 
 
-def test_seeds_run_in_turn_compile_once_and_equal_their_single_seed_runs(synthetic_npz, tmp_path):
-  small = {}  # the module's tiny run: its programs are in the compilation cache already
-  exp = trainer.build_experiment(tiny_config(synthetic_npz, seeds="0,1", **small))
-  lowered, alone = [], []
-  for seed in (0, 1):
+def test_seeds_run_in_turn_compile_once_and_equal_their_single_seed_runs(
+    synthetic_npz, tmp_path, uninterrupted, monkeypatch):
+  """``--config.seeds=0,1``: each seed runs as its single-seed run (seed 0: the module's run), the
+  second seed lowers no program, and the results pool."""
+  lowered = []
+  run_seed = trainer.run_seed
+
+  def counted_run_seed(*args, **kwargs):
     with _Lowerings() as counter:
-      alone.append(trainer.run_seed(exp, tiny_config(synthetic_npz, seed=seed, **small),
-                                    str(tmp_path / f"seed_{seed}")))
-    lowered.append(counter.count)
-  assert lowered[0] > 0 and lowered[1] == 0, f"programs lowered per seed: {lowered}"
+      result = run_seed(*args, **kwargs)
+    lowered.append(counter.names)
+    return result
 
-  # trainer.run does the same for --config.seeds=0,1, each seed as its single-seed run, and pools.
-  pooled = trainer.run(tiny_config(synthetic_npz, seeds="0,1", **small), str(tmp_path / "both"))
+  monkeypatch.setattr(trainer, "run_seed", counted_run_seed)
+  pooled = trainer.run(tiny_config(synthetic_npz, seeds="0,1"), str(tmp_path / "both"))
+  monkeypatch.undo()
+  assert len(lowered) == 2 and lowered[0] and not lowered[1], f"programs lowered: {lowered}"
+  # The epoch program (a looped epoch's step, or the scanned epochs), once per step kind (base,
+  # incremental): a step's carry keeps its types from the first step on.
+  epochs = [name for name in lowered[0] if name in ("jit(_epoch_step)", "jit(train_epochs)")]
+  assert len(epochs) == 2, lowered[0]
+
+  alone = [uninterrupted[1],
+           trainer.run(tiny_config(synthetic_npz, seed=1), str(tmp_path / "seed_1_alone"))]
   for key in ("acc_tag", "acc_taw", "per_class_accuracy", "average_incremental_accuracy"):
     for seed in (0, 1):
       np.testing.assert_array_equal(np.asarray(pooled["per_seed"][seed][key], dtype=float),
