@@ -21,6 +21,13 @@ REFERENCE_DIR = pathlib.Path(
     os.environ.get("GR_JAX_REFERENCE", REPO_ROOT.parent / "shared" / "reference"))
 REAL_DATA_FIXTURES = ("cifar100_npz", "tiny_imagenet_dir", "lt_fixture")
 
+# XLA:CPU generates code with LLVM at optimisation level 1 instead of its default 2: the tests'
+# programs are small and run a few steps each, so level 2 costs more compile time than it saves
+# (the tiny protocol run compiles in half the time and runs as fast). It changes the machine code,
+# not the programs, and every comparison in the tests runs both sides under it. The caller's own
+# XLA_FLAGS come after it and win; set before JAX starts its CPU backend, subprocesses inherit it.
+os.environ["XLA_FLAGS"] = " ".join(
+    ["--xla_backend_optimization_level=1", os.environ.get("XLA_FLAGS", "")]).strip()
 # One persistent XLA compilation cache for the session and the subprocesses it starts: the tests
 # build many experiments whose programs are the same, and a compiled program loaded from the cache
 # is the one compiled before, so results do not change. Set before JAX reads its configuration.
