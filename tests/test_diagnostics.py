@@ -4,7 +4,6 @@ round-trip; per-class forgetting agrees with gr_jax.metrics; the figures are wri
 import importlib.util
 import os
 import pathlib
-import subprocess
 import sys
 
 import jax.numpy as jnp
@@ -15,6 +14,7 @@ import gr_jax
 from gr_jax import diagnostics
 from gr_jax import losses
 from gr_jax import metrics
+from processes import run_side_by_side
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TASK_SIZES = (3, 3, 3)
@@ -303,17 +303,17 @@ def test_plot_results_script_draws_runs_side_by_side(tmp_path):
   out = tmp_path / "diag.png"
   script = str(PLOT_SCRIPT)
   env = dict(os.environ)  # the caller's XLA_FLAGS (e.g. the AVX2 run) reach the script's JAX
-  done = subprocess.run([sys.executable, script, "--diagnostics", f"--out={out}",
-                         f"DGR={tmp_path / 'dgr'}", f"finetune={tmp_path / 'ft'}",
-                         f"pooled={tmp_path / 'pooled'}"],
-                        capture_output=True, text=True, env=env)
+  wrong = (([f"x={tmp_path}"], "no diagnostics.npz"),
+           ([f"x={tmp_path / 'dgr'}", "--phase=9"], "phase 9 is not recorded"),
+           ([str(tmp_path / "dgr")], "label=<run workdir>"))
+  done, *refused = run_side_by_side(
+      [[sys.executable, script, "--diagnostics", f"--out={out}", f"DGR={tmp_path / 'dgr'}",
+        f"finetune={tmp_path / 'ft'}", f"pooled={tmp_path / 'pooled'}"]]
+      + [[sys.executable, script, "--diagnostics", f"--out={out}", *args] for args, _ in wrong],
+      env=env)
   assert done.returncode == 0, done.stderr
   width, height, _ = _png_size(out)
   assert (width, height) == (1800, 1600)  # three columns of 6 x 16 inches at 100 dpi
-  for args, says in (([f"x={tmp_path}"], "no diagnostics.npz"),
-                     ([f"x={tmp_path / 'dgr'}", "--phase=9"], "phase 9 is not recorded"),
-                     ([str(tmp_path / "dgr")], "label=<run workdir>")):
-    bad = subprocess.run([sys.executable, script, "--diagnostics", f"--out={out}", *args],
-                         capture_output=True, text=True, env=env)
+  for (_, says), bad in zip(wrong, refused):
     assert bad.returncode != 0 and says in bad.stderr, bad.stderr
     assert bad.stderr.strip().splitlines() == [bad.stderr.strip()], "a one-line error"

@@ -11,6 +11,8 @@ import sys
 import numpy as np
 import pytest
 
+from processes import run_side_by_side
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs" / "cifar100_lt.py")
 # XLA:CPU compiles the tiny runs' programs about twice as fast without its costlier optimisations.
@@ -25,8 +27,14 @@ def _env(xla_flags=""):
 
 
 def _launch(*args, cwd=REPO, env=None, timeout=300):
-  return subprocess.run([sys.executable, str(REPO / "launch" / "run.py"), *args], cwd=cwd,
-                        env=env or _env(), capture_output=True, text=True, timeout=timeout)
+  (done,) = _launch_each([args], cwd=cwd, env=env, timeout=timeout)
+  return done
+
+
+def _launch_each(cases, cwd=REPO, env=None, timeout=300):
+  """launch/run.py once per list of arguments in ``cases``, side by side."""
+  return run_side_by_side([[sys.executable, str(REPO / "launch" / "run.py"), *args]
+                           for args in cases], cwd=cwd, env=env or _env(), timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -154,14 +162,15 @@ def test_launch_verbosity_1_holds_jax_loggers_at_info():
 def test_launch_reports_config_errors(cifar100_npz, tmp_path):
   base = ["--config=configs/cifar100_lt.py:smoke", "--config.data.source=npz",
           f"--config.data.path={cifar100_npz}", f"--workdir={tmp_path}"]
-  unknown = _launch(*base, "--config.optim.not_a_key=1")
+  unknown, split, missing, budget = _launch_each([
+      base + ["--config.optim.not_a_key=1"],
+      base + ["--config.protocol.num_tasks=7", "--config.protocol.nc_first_task=50"],
+      ["--config=configs/cifar100_lt.py:smoke", "--config.data.source=npz",
+       "--config.data.path=/nonexistent/cifar.npz", f"--workdir={tmp_path}"],
+      base + ["--config.memory.per_class=0"]])
   assert unknown.returncode != 0 and "not_a_key" in unknown.stderr
-  split = _launch(*base, "--config.protocol.num_tasks=7", "--config.protocol.nc_first_task=50")
   assert split.returncode != 0 and "split evenly" in split.stderr
-  missing = _launch("--config=configs/cifar100_lt.py:smoke", "--config.data.source=npz",
-                    "--config.data.path=/nonexistent/cifar.npz", f"--workdir={tmp_path}")
   assert missing.returncode != 0 and "/nonexistent/cifar.npz" in missing.stderr
-  budget = _launch(*base, "--config.memory.per_class=0")
   assert budget.returncode != 0 and "positive integer" in budget.stderr
 
 
@@ -177,31 +186,34 @@ def _assert_refused_in_short(done, workdir, *names):
   assert not workdir.exists()
 
 
-@pytest.mark.parametrize("override,names", [
-    ("--config.sed=3", ["--config.sed", "'sed'", 'Did you mean "seed" instead of "sed"?']),
-    ("--config.optim.not_a_key=1", ["--config.optim.not_a_key", "'optim.not_a_key'"]),
-    ("--config.optm.learning_rate=1", ["'optm'", 'Did you mean "optim"']),
-])
-def test_launch_refuses_an_unknown_override_in_one_line(tmp_path, override, names):
+def test_launch_refuses_an_unknown_override_in_one_line(tmp_path):
   workdir = tmp_path / "run"
-  done = _launch("--config=configs/cifar100_lt.py:smoke", override, f"--workdir={workdir}")
-  _assert_refused_in_short(done, workdir, *names)
+  cases = {
+      "--config.sed=3": ["--config.sed", "'sed'", 'Did you mean "seed" instead of "sed"?'],
+      "--config.optim.not_a_key=1": ["--config.optim.not_a_key", "'optim.not_a_key'"],
+      "--config.optm.learning_rate=1": ["'optm'", 'Did you mean "optim"'],
+  }
+  done = _launch_each([["--config=configs/cifar100_lt.py:smoke", override, f"--workdir={workdir}"]
+                       for override in cases])
+  for names, refused in zip(cases.values(), done):
+    _assert_refused_in_short(refused, workdir, *names)
 
 
 def test_launch_refuses_a_config_file_it_cannot_load_in_one_line(tmp_path):
   workdir = tmp_path / "run"
   missing = tmp_path / "missing.py"
-  for extra in ([], ["--config.seed=1"]):  # with overrides ml_collections fails elsewhere
-    done = _launch(f"--config={missing}:smoke", *extra, f"--workdir={workdir}")
-    _assert_refused_in_short(done, workdir, "--config file", str(missing), "No such file")
-  done = _launch(f"--config={tmp_path}", f"--workdir={workdir}")
-  _assert_refused_in_short(done, workdir, str(tmp_path), "Is a directory")
   broken = tmp_path / "broken.py"
   broken.write_text("def get_config(arg=None)\n  return None\n")
-  done = _launch(f"--config={broken}", f"--workdir={workdir}")
-  _assert_refused_in_short(done, workdir, str(broken), "line 1", "not valid Python")
-  done = _launch("--config=configs/cifar100_lt.py:smok", f"--workdir={workdir}")
-  _assert_refused_in_short(done, workdir, "unknown config preset 'smok'", "lfs20")
+  not_found = ["--config file", str(missing), "No such file"]
+  cases = [([f"--config={missing}:smoke"], not_found),
+           # With overrides ml_collections fails elsewhere.
+           ([f"--config={missing}:smoke", "--config.seed=1"], not_found),
+           ([f"--config={tmp_path}"], [str(tmp_path), "Is a directory"]),
+           ([f"--config={broken}"], [str(broken), "line 1", "not valid Python"]),
+           (["--config=configs/cifar100_lt.py:smok"], ["unknown config preset 'smok'", "lfs20"])]
+  done = _launch_each([args + [f"--workdir={workdir}"] for args, _ in cases])
+  for (_, names), refused in zip(cases, done):
+    _assert_refused_in_short(refused, workdir, *names)
 
 
 def test_launch_refuses_more_devices_than_visible_before_reading_data(tmp_path):
@@ -308,8 +320,9 @@ def test_launch_default_workdirs_of_two_settings_differ(tmp_path, tiny_npz):
   naming the workdir it would have used."""
   (tmp_path / "runs").write_text("not a folder")
   named = []
-  for override in ("--config.seeds=0,1", "--config.seeds=0,2"):
-    done = _launch(*_tiny_run_flags(tiny_npz), override, cwd=tmp_path)
+  for done in _launch_each([_tiny_run_flags(tiny_npz) + [override]
+                            for override in ("--config.seeds=0,1", "--config.seeds=0,2")],
+                           cwd=tmp_path):
     assert done.returncode != 0, done.stderr
     named.append(re.search(r"workdir (runs/\S+) cannot be made", done.stderr).group(1))
   assert named[0] != named[1] and all(
@@ -324,10 +337,9 @@ def test_launch_shows_jax_s_backend_probing_only_from_verbosity_1(tmp_path):
   args = ["--config=configs/cifar100_lt.py:smoke", "--config.data.source=npz",
           "--config.data.path=/nonexistent/cifar.npz", "--config.num_devices=999",
           f"--workdir={workdir}"]
-  quiet = _launch(*args, env=env)
+  quiet, verbose = _launch_each([args, args + ["--verbosity=1"]], env=env)
   _assert_refused_in_short(quiet, workdir, "config.num_devices=999")
   assert "tpu" not in quiet.stderr.lower(), quiet.stderr
-  verbose = _launch(*args, "--verbosity=1", env=env)
   assert verbose.returncode != 0 and "backend 'tpu'" in verbose.stderr, verbose.stderr[-3000:]
 
 

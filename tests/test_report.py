@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from gr_jax import report
+from processes import run_side_by_side
 
 _PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
 
@@ -240,25 +241,25 @@ def test_plot_results_script_draws_runs_with_seed_bands(tmp_path):
     paths.append(tmp_path / f'{name}.json')
     paths[-1].write_text(json.dumps(results))
   out = tmp_path / 'phases.png'
-  script = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'launch', 'plot_results.py')
-  done = subprocess.run([sys.executable, script, f'--out={out}', f'single={paths[0]}',
-                         f'two seeds={paths[1]}'], capture_output=True, text=True)
-  assert done.returncode == 0, done.stderr
-  assert out.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
-  bad = subprocess.run([sys.executable, script, f'--out={out}', str(paths[0])],
-                       capture_output=True, text=True)
-  assert bad.returncode != 0 and 'label=path' in bad.stderr
-  assert bad.stderr.strip().splitlines() == [bad.stderr.strip()], 'one line, no --help dump'
   nested = tmp_path / 'new_dir' / 'phases.png'  # a missing output folder is created
-  done = subprocess.run([sys.executable, script, f'--out={nested}', f'single={paths[0]}'],
-                        capture_output=True, text=True)
-  assert done.returncode == 0 and nested.exists(), done.stderr
   other = tmp_path / 'bench.json'
   other.write_text(json.dumps({'img_s': 1.0}))
-  for wrong, says in ((other, 'not a results.json'), (tmp_path / 'nope.json', 'no such file'),
-                      (out, 'not JSON')):
-    bad = subprocess.run([sys.executable, script, f'--out={out}', f'x={wrong}'],
-                         capture_output=True, text=True)
+  figure = tmp_path / 'figure.png'
+  figure.write_bytes(_PNG_MAGIC + bytes(8))
+  wrong = ((other, 'not a results.json'), (tmp_path / 'nope.json', 'no such file'),
+           (figure, 'not JSON'))
+  script = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'launch', 'plot_results.py')
+  done, bad, done_nested, *bad_inputs = run_side_by_side(
+      [[sys.executable, script, f'--out={out}', f'single={paths[0]}', f'two seeds={paths[1]}'],
+       [sys.executable, script, f'--out={out}', str(paths[0])],
+       [sys.executable, script, f'--out={nested}', f'single={paths[0]}']]
+      + [[sys.executable, script, f'--out={out}', f'x={path}'] for path, _ in wrong])
+  assert done.returncode == 0, done.stderr
+  assert out.read_bytes()[:8] == _PNG_MAGIC
+  assert bad.returncode != 0 and 'label=path' in bad.stderr
+  assert bad.stderr.strip().splitlines() == [bad.stderr.strip()], 'one line, no --help dump'
+  assert done_nested.returncode == 0 and nested.exists(), done_nested.stderr
+  for (_, says), bad in zip(wrong, bad_inputs):
     assert bad.returncode != 0 and says in bad.stderr, bad.stderr
     assert bad.stderr.strip().splitlines() == [bad.stderr.strip()], 'a one-line error'
 
