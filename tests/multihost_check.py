@@ -7,10 +7,12 @@ Run as P processes that share ``--workdir``::
 
 or without those variables as one process. It adds ``--devices_per_process`` forced host devices to
 the caller's ``XLA_FLAGS``, turns on cross-process CPU collectives (gloo) and runs
-``trainer.run`` on :func:`tiny_run.tiny_config` over all devices of all processes; the trainer
-joins the processes itself (``parallel.initialize_distributed``). ``--report`` receives what the
-process saw: its index, the global device count, the run's results, and every file or folder it
-created in the workdir outside ``checkpoints/`` (a process other than 0 must create none).
+``trainer.run`` on :func:`tiny_run.tiny_config`, cut to one phase of 8 classes, over all devices
+of all processes; the trainer joins the processes itself (``parallel.initialize_distributed``).
+``--report`` receives what the process saw: its index, the global device count, the run's results,
+the exemplar memory herding chose at each phase end (on features gathered from every process), and
+every file or folder it created in the workdir outside ``checkpoints/`` (a process other than 0
+must create none).
 """
 
 import argparse
@@ -81,11 +83,21 @@ def main():
   from gr_jax import trainer  # pylint: disable=g-import-not-at-top
   from tiny_run import tiny_config  # pylint: disable=g-import-not-at-top
 
+  memories = []
+  select_memory = trainer._select_memory  # pylint: disable=protected-access
+
+  def recording_select_memory(*args):
+    memories.append(select_memory(*args))
+    return memories[-1]
+
+  trainer._select_memory = recording_select_memory  # pylint: disable=protected-access
+  config = tiny_config(args.data, **{"protocol.num_classes": 8, "protocol.nc_first_task": 8,
+                                     "protocol.num_tasks": 1})
   with WriteRecorder(args.workdir) as writes:
-    results = trainer.run(tiny_config(args.data, **{"protocol.num_classes": 8,
-                                                       "protocol.num_tasks": 2}), args.workdir)
+    results = trainer.run(config, args.workdir)
   report = {"process_index": jax.process_index(), "process_count": jax.process_count(),
-            "devices": jax.device_count(), "results": results, "workdir_writes": writes.paths}
+            "devices": jax.device_count(), "results": results,
+            "memory": [m.tolist() for m in memories], "workdir_writes": writes.paths}
   with open(args.report, "w") as f:
     json.dump(report, f, default=str)
 

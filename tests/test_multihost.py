@@ -1,11 +1,14 @@
 """Multi-process runs: two JAX processes × 2 CPU devices train as one process × 4 devices does.
 
-``tests/multihost_check.py`` runs the tiny protocol (``tiny_run.tiny_config``, 3 phases) through
-``trainer.run``; the two processes join through ``parallel.initialize_distributed`` (the
-``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` route of
-docs/multi_host.md) on a free localhost port, share one workdir, and all-reduce across processes
-with gloo. This exercises the cross-process herding gather (``parallel.to_host``), Orbax saving
-from every process, and the files only process 0 writes.
+``tests/multihost_check.py`` runs one phase of the tiny protocol (``tiny_run.tiny_config``, 8
+classes, 2 epochs) through ``trainer.run``; the two processes join through
+``parallel.initialize_distributed`` (the ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` /
+``JAX_PROCESS_ID`` route of docs/multi_host.md) on a free localhost port, share one workdir, and
+all-reduce across processes with gloo. This checks the training step's cross-process all-reduce,
+the cross-process herding gather (``parallel.to_host``: the same exemplars as on one process),
+Orbax saving from every process, and the files only process 0 writes. (What a later phase adds,
+distillation from the teacher and DGR, runs on several devices of one process in
+tests/test_parallel.py.)
 """
 
 import json
@@ -16,6 +19,8 @@ import socket
 import subprocess
 import sys
 import time
+
+import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "tests" / "multihost_check.py"
@@ -79,6 +84,9 @@ def test_two_processes_match_one_process_of_four_devices(synthetic_npz, tmp_path
   for report in reports:
     for key in ACCURACY_KEYS:
       assert report["results"][key] == reference["results"][key], key
+  # Herding chose the same exemplars on the features gathered from both processes.
+  assert np.any(np.asarray(reference["memory"]) >= 0)
+  assert all(report["memory"] == reference["memory"] for report in reports)
   # Process 0 writes the run's files; process 1 nothing outside Orbax's checkpoints/.
   assert reports[1]["workdir_writes"] == []
   written = {re.sub(r"\.[0-9a-f]+\.tmp$", "", p) for p in reports[0]["workdir_writes"]}  # atomic
