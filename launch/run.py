@@ -58,7 +58,7 @@ def _unknown_entry(err: Exception, argv: list[str]) -> str | None:
     parts = path.split(".")
     if key in parts:
       entry = ".".join(parts[:parts.index(key) + 1])
-      return (f"--config.{path}: no config entry {entry!r} (configs/common.py lists them)"
+      return (f"--config.{path}: no config entry {entry!r} (gr_jax/config.py lists them)"
               + (f". {hint.strip()}" if hint.strip() else ""))
   return None
 
