@@ -15,7 +15,6 @@ Layout of a work directory::
 from __future__ import annotations
 
 import json
-import math
 import os
 import secrets
 import struct
