@@ -7,6 +7,7 @@ process, each in ``workdir/seed_<s>`` exactly as its single-seed run, reusing th
 programs; ``workdir/results.json`` then pools them (mean ± std).
 """
 
+import concurrent.futures
 import dataclasses
 import json
 import os
@@ -70,6 +71,10 @@ class Experiment:
   init_run: Callable[[jax.Array], state_lib.RunState]
   fresh_heads: Callable[..., Any]
   init_optimizer: Callable[..., Any]
+  # (incremental, epochs per call) -> the seconds XLA takes to compile that epoch program ahead of
+  # time (a future); the jitted train_epochs then finds it compiled
+  compiling: dict[tuple[bool, int], concurrent.futures.Future]
+  build_s: float  # loading the data, planning, tracing the programs: once, for every seed
 
 
 def ceil_div(n: int, d: int) -> int:
@@ -122,6 +127,7 @@ def model_and_optimizer(config: ml_collections.ConfigDict,
 
 def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
   """Loads data, plans the phases and builds the jitted programs (compiled on first use)."""
+  started = time.time()
   config_lib.validate(config)
   parallel.check_num_devices(config.num_devices)  # before the data is read
   d = config.data
@@ -159,14 +165,63 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
     return dict(params, classifier=jax.tree.map(
         lambda old, f: jnp.where(new_classes, f, old), params["classifier"], fresh["classifier"]))
 
-  init_run = lambda key: state_lib.create_run_state(model, tx, key, shape, plan.num_phases,
-                                                    plan.num_classes, per_class)
-  return Experiment(
+  init_run = jax.jit(lambda key: state_lib.create_run_state(
+      model, tx, key, shape, plan.num_phases, plan.num_classes, per_class))
+  base_steps, incremental_steps = make(False), make(True)
+  kinds = {False: base_steps, True: incremental_steps} if plan.num_phases > 1 else {False: base_steps}
+  count = min(config.epochs_per_call, config.optim.epochs)
+  compiling = _compile_ahead(kinds, _abstract_epoch_args(
+      init_run, _phase_constants(plan, config, mesh, 0), mesh, capacity, shape, count), count)
+  return Experiment(  # the test images decode and upload while the programs compile
       config=config, dataset=dataset, data_digest=sources.dataset_digest(dataset), plan=plan,
       model=model, tx=tx, mesh=mesh, capacity=capacity,
       test=_test_set(dataset, plan, _eval_chunk(config, mesh), mesh),
-      base_steps=make(False), incremental_steps=make(True), init_run=jax.jit(init_run),
-      fresh_heads=jax.jit(fresh_heads), init_optimizer=jax.jit(tx.init))
+      base_steps=base_steps, incremental_steps=incremental_steps, init_run=init_run,
+      fresh_heads=jax.jit(fresh_heads), init_optimizer=jax.jit(tx.init), compiling=compiling,
+      build_s=time.time() - started)
+
+
+def _abstract_epoch_args(init_run, consts, mesh, capacity: int, image_shape, count: int) -> tuple:
+  """Shapes, dtypes and shardings of ``train_epochs``' arguments, the same in every phase: those of
+  a fresh run's state, a padded phase and ``count`` epochs (one compile per step kind is tested)."""
+  replicated = parallel.replicated(mesh)
+  spec = lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated,
+                                        weak_type=s.weak_type)
+  abstract = lambda tree: jax.tree.map(spec, jax.eval_shape(lambda t: t, tree))
+  run = jax.tree.map(spec, jax.eval_shape(init_run, jax.random.key(0)))
+  data = steps.PhaseData(
+      images=spec(jax.ShapeDtypeStruct((capacity, *image_shape), jnp.uint8)),
+      labels=spec(jax.ShapeDtypeStruct((capacity,), jnp.int32)),
+      size=spec(jax.ShapeDtypeStruct((), jnp.int32)))
+  keys = jax.tree.map(spec, jax.eval_shape(lambda: jax.random.split(jax.random.key(0), count)))
+  return (run.train, (run.teacher_params, run.teacher_batch_stats), data, abstract(consts), keys,
+          spec(jax.ShapeDtypeStruct((count,), jnp.float32)))
+
+
+def _compile_ahead(kinds: dict[bool, steps.StepFns], args: tuple,
+                   count: int) -> dict[tuple[bool, int], concurrent.futures.Future]:
+  """Starts compiling the scanned epoch program of each step kind, one thread each.
+
+  XLA then compiles the phase-0 and the incremental program at once, while the test images load,
+  instead of one after the other inside the first calls of phases 0 and 1. Tracing stays in the
+  calling thread. The loop waits for both before it trains, so no compilation (nor its autotuning,
+  which runs kernels on the GPU) overlaps training. Empty for host-loop epochs (the CPU default),
+  whose small programs compile on first use.
+  """
+  if not all(hasattr(fns.train_epochs, "lower") for fns in kinds.values()):
+    return {}
+  lowered = {incremental: fns.train_epochs.lower(*args) for incremental, fns in kinds.items()}
+
+  def compile_(program):
+    tic = time.time()
+    program.compile()  # into the jitted function's own cache: its calls with these shapes find it
+    return time.time() - tic
+
+  pool = concurrent.futures.ThreadPoolExecutor(len(lowered), "compile")
+  futures = {(incremental, count): pool.submit(compile_, program)
+             for incremental, program in lowered.items()}
+  pool.shutdown(wait=False)  # the threads end with their compilation
+  return futures
 
 
 def _padded(images, labels, idx: np.ndarray, length: int, plan: protocol.Plan):
@@ -218,13 +273,16 @@ def phase_data(exp: Experiment, run: state_lib.RunState, phase: int) -> steps.Ph
   return steps.PhaseData(put(images), put(labels), put(np.int32(len(idx))))
 
 
+def _phase_constants(plan: protocol.Plan, config, mesh, phase: int):
+  start, stop = plan.class_range(phase)
+  return parallel.replicate(
+      phase_constants(plan.train_counts, start, stop - start, config.memory.per_class,
+                      config.method.kd_lambda_base, config.method.temperature), mesh)
+
+
 def constants(exp: Experiment, phase: int):
   """The :class:`~gr_jax.phase_constants.PhaseConstants` of ``phase``, on the run's devices."""
-  start, stop = exp.plan.class_range(phase)
-  c = exp.config
-  return parallel.replicate(
-      phase_constants(exp.plan.train_counts, start, stop - start, c.memory.per_class,
-                      c.method.kd_lambda_base, c.method.temperature), exp.mesh)
+  return _phase_constants(exp.plan, exp.config, exp.mesh, phase)
 
 
 def _select_memory(exp: Experiment, run: state_lib.RunState, phase: int) -> np.ndarray:
@@ -337,14 +395,17 @@ class _Signals:
 
 
 class _CompileClock:
-  """Seconds XLA spent compiling while entered (JAX's backend-compile events, any thread)."""
+  """Seconds XLA spent compiling in this thread while entered (JAX's backend-compile events; the
+  programs compiled ahead of time in threads of their own are not counted)."""
 
   def __init__(self):
     self.seconds = 0.0
+    self._thread = threading.current_thread()
 
   def _listen(self, event: str, duration: float, **kwargs) -> None:
     del kwargs
-    if event == "/jax/core/compile/backend_compile_duration":
+    if (event == "/jax/core/compile/backend_compile_duration"
+        and threading.current_thread() is self._thread):
       self.seconds += duration
 
   def __enter__(self):
@@ -376,6 +437,7 @@ class _SeedLoop:
   diag: Optional[dict[str, np.ndarray]] = None
   last_save: float = dataclasses.field(default_factory=time.time)
   last_fetch: float = 0.0
+  time_split: dict[str, float] = dataclasses.field(default_factory=dict)  # summed over phases
 
   def _record(self, phase: int, chunk: _Chunk, stats: dict[str, np.ndarray], timing):
     """Reads a finished call's metrics: checks the loss, writes the epochs' scalars, adds the
@@ -425,13 +487,16 @@ class _SeedLoop:
     exp = self.exp
     cfg = exp.config
     epochs, per_call = cfg.optim.epochs, cfg.epochs_per_call
-    fns = exp.incremental_steps if phase else exp.base_steps
     tic = time.time()
     _log_phase_data(exp.plan, phase, cfg.memory.per_class)
     data, consts = phase_data(exp, run, phase), constants(exp, phase)
     # Where this phase's time goes, in this process (a resumed phase counts its epochs since).
     timing = {"time/phase_data_s": time.time() - tic, "time/train_s": 0.0,
               "time/checkpoint_s": 0.0}
+    tic = time.time()
+    for compiling in exp.compiling.values():  # none is still compiling once training starts
+      compiling.result()
+    timing["time/compile_wait_s"] = time.time() - tic
     teacher = (run.teacher_params, run.teacher_batch_stats)
     stats = dict(jax.tree.map(np.asarray, run.phase_stats), step=int(run.train.step))
     # Host values into the run state, replicated like the rest of it (a multi-host save needs that).
@@ -441,9 +506,12 @@ class _SeedLoop:
     while epoch < epochs:
       count = min(per_call - epoch % per_call, epochs - epoch)
       lrs = [_learning_rate(cfg.optim, e) for e in range(epoch, epoch + count)]
-      train, metrics = fns.train_epochs(run.train, teacher, data, consts,
-                                        _epoch_keys(run.key, phase, epoch, count),
-                                        jnp.asarray(lrs, jnp.float32))
+      fns = exp.incremental_steps if phase else exp.base_steps
+      # Keys and rates placed as the programs compiled ahead of time expect them.
+      train, metrics = fns.train_epochs(
+          run.train, teacher, data, consts,
+          parallel.replicate(_epoch_keys(run.key, phase, epoch, count), exp.mesh),
+          parallel.replicate(jnp.asarray(lrs, jnp.float32), exp.mesh))
       run = run.replace(train=train)
       if pending is not None:  # finished: the call just dispatched depends on it
         stats = self._record(phase, pending, stats, timing)
@@ -491,6 +559,9 @@ class _SeedLoop:
     # Saved last: a run killed before this save redoes the phase end, and the writer and the
     # diagnostics drop what they hold past the checkpoint it resumes from.
     self._save(run, (phase + 1) * (exp.config.optim.epochs + 1), timing)
+    for key, seconds in timing.items():
+      name = key.removeprefix("time/").removesuffix("_s")
+      self.time_split[name] = self.time_split.get(name, 0.0) + seconds
     return run
 
 
@@ -547,7 +618,12 @@ def run_seed(exp: Experiment, config: ml_collections.ConfigDict, workdir: str,
   finally:
     checkpointer.close()
   results = _results(exp, run, config, elapsed())
-  results["compile_s"] = clock.seconds  # in this process (a resumed run counts since it resumed)
+  # Seconds in this process (a resumed run counts since it resumed): compilation inside the loop,
+  # each program compiled ahead of time (in parallel, before training) and where the time went.
+  results.update(compile_s=clock.seconds, build_s=exp.build_s,
+                 compile_ahead_s=[future.result() for future in exp.compiling.values()],
+                 time_split_s=dict(loop.time_split,
+                                   other=time.time() - started - sum(loop.time_split.values())))
   if lead:
     report.write_results(workdir, results)
     report.plot_results(workdir, results, list(exp.plan.train_counts))

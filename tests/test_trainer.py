@@ -80,6 +80,14 @@ def test_run_writes_every_output(uninterrupted):
   for l in ends:
     timing = [l[f"time/{k}_s"] for k in ("phase_data", "train", "phase_end", "checkpoint")]
     assert all(t >= 0 for t in timing) and l["time/train_s"] > 0, l
+  # results.json sums them over the phases (its checkpoints also count each phase-end save, which
+  # follows the phase's line); with the rest they make up the run's wall time.
+  split = saved["time_split_s"]
+  for k in ("phase_data", "train", "phase_end"):
+    assert split[k] == pytest.approx(sum(l[f"time/{k}_s"] for l in ends)), k
+  assert split["checkpoint"] >= sum(l["time/checkpoint_s"] for l in ends)
+  assert sum(split.values()) == pytest.approx(saved["wall_time_s"], rel=0.05, abs=0.5)
+  assert saved["compile_ahead_s"] == [] and saved["build_s"] > 0  # host-loop epochs: none ahead
   assert (workdir / "checkpoints").is_dir()
 
 
@@ -128,13 +136,14 @@ def test_workdir_of_another_config_is_refused(synthetic_npz, uninterrupted):
 class _Lowerings:
   """Names the programs JAX lowers (traces into XLA) while entered: every jit cache miss, whether
   XLA then compiles the program or loads it from a persistent compilation cache."""
+  event = "/jax/core/compile/jaxpr_to_mlir_module_duration"
 
   def __init__(self):
     self.names = []
 
   def _listen(self, event, duration, **kwargs):
     del duration
-    if event == "/jax/core/compile/jaxpr_to_mlir_module_duration":
+    if event == self.event:
       self.names.append(kwargs.get("fun_name"))
 
   def __enter__(self):
@@ -143,6 +152,11 @@ class _Lowerings:
 
   def __exit__(self, *exc):
     jax.monitoring.unregister_event_duration_listener(self._listen)
+
+
+class _Compilations(_Lowerings):
+  """Names the programs XLA compiles (or loads from a persistent compilation cache) while entered."""
+  event = "/jax/core/compile/backend_compile_duration"
 
 
 def test_seeds_run_in_turn_compile_once_and_equal_their_single_seed_runs(
@@ -182,6 +196,23 @@ def test_seeds_run_in_turn_compile_once_and_equal_their_single_seed_runs(
   saved = json.loads((tmp_path / "both" / "results.json").read_text())
   assert saved["seeds"] == [0, 1] and saved["config"]["seeds"] == "0,1"
   assert (tmp_path / "both" / "accuracy.png").stat().st_size > 0
+
+
+def test_scanned_epoch_programs_compile_ahead_while_the_test_set_loads(synthetic_npz, tmp_path):
+  """Epochs as ``lax.scan`` (the GPU default): ``build_experiment`` starts compiling both epoch
+  programs for calls of ``epochs_per_call`` epochs, and the loop waits for them and compiles no
+  epoch program itself: its jitted ``train_epochs`` finds them compiled (same shapes, dtypes and
+  shardings). A resumed phase's shorter first call would compile on first use."""
+  config = tiny_config(synthetic_npz, epoch_as_scan="true", epochs_per_call=2)
+  exp = trainer.build_experiment(config)
+  assert set(exp.compiling) == {(False, 2), (True, 2)}
+  for compiling in exp.compiling.values():
+    compiling.result()
+  with _Compilations() as counter:
+    results = trainer.run_seed(exp, config, str(tmp_path))
+  assert not [name for name in counter.names if "train_epochs" in name], counter.names
+  assert len(results["compile_ahead_s"]) == 2 and min(results["compile_ahead_s"]) > 0
+  assert results["time_split_s"]["compile_wait"] >= 0
 
 
 def _global_norm(a, b=None) -> float:
