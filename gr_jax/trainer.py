@@ -200,13 +200,14 @@ def _abstract_epoch_args(init_run, consts, mesh, capacity: int, image_shape, cou
 
 def _compile_ahead(kinds: dict[bool, steps.StepFns], args: tuple,
                    count: int) -> dict[tuple[bool, int], concurrent.futures.Future]:
-  """Starts compiling the scanned epoch program of each step kind, one thread each.
+  """Starts compiling the scanned epoch program of each step kind in a background thread.
 
-  XLA then compiles the phase-0 and the incremental program at once, while the test images load,
-  instead of one after the other inside the first calls of phases 0 and 1. Tracing stays in the
-  calling thread. The loop waits for both before it trains, so no compilation (nor its autotuning,
-  which runs kernels on the GPU) overlaps training. Empty for host-loop epochs (the CPU default),
-  whose small programs compile on first use.
+  XLA compiles the phase-0 and the incremental program while the test images load and the run
+  state is made, instead of inside the first calls of phases 0 and 1. One after the other: XLA's
+  autotuning times kernels on the GPU, and two compilations at once stalled a bfloat16 build for
+  over two minutes on an H200 (delay-kernel timeouts; BENCHMARKS.md). Tracing stays in the calling
+  thread. The loop waits for both before it trains, so no compilation overlaps training. Empty for
+  host-loop epochs (the CPU default), whose small programs compile on first use.
   """
   if not all(hasattr(fns.train_epochs, "lower") for fns in kinds.values()):
     return {}
@@ -217,7 +218,7 @@ def _compile_ahead(kinds: dict[bool, steps.StepFns], args: tuple,
     program.compile()  # into the jitted function's own cache: its calls with these shapes find it
     return time.time() - tic
 
-  pool = concurrent.futures.ThreadPoolExecutor(len(lowered), "compile")
+  pool = concurrent.futures.ThreadPoolExecutor(1, "compile")
   futures = {(incremental, count): pool.submit(compile_, program)
              for incremental, program in lowered.items()}
   pool.shutdown(wait=False)  # the threads end with their compilation
@@ -421,7 +422,10 @@ class _Chunk(NamedTuple):
   epoch: int
   learning_rates: list[float]
   metrics: dict[str, jax.Array]  # [count] per entry (class_grad_norms [count, C])
-  dispatched: float
+  started: float  # when the call was made
+  # Its seconds if it had finished when the call returned: on GPUs a scanned epoch's loop and
+  # conditionals make the host wait for the device inside the call.
+  seconds: Optional[float]
 
 
 @dataclasses.dataclass
@@ -444,7 +448,7 @@ class _SeedLoop:
     call's steps to the phase's sums."""
     m = jax.tree.map(np.asarray, chunk.metrics)
     now = time.time()
-    seconds = now - max(chunk.dispatched, self.last_fetch)
+    seconds = chunk.seconds or now - max(chunk.started, self.last_fetch)
     self.last_fetch = now
     timing["time/train_s"] += seconds
     if not np.all(np.isfinite(m["loss"])):
@@ -508,6 +512,7 @@ class _SeedLoop:
       lrs = [_learning_rate(cfg.optim, e) for e in range(epoch, epoch + count)]
       fns = exp.incremental_steps if phase else exp.base_steps
       # Keys and rates placed as the programs compiled ahead of time expect them.
+      started = time.time()
       train, metrics = fns.train_epochs(
           run.train, teacher, data, consts,
           parallel.replicate(_epoch_keys(run.key, phase, epoch, count), exp.mesh),
@@ -515,7 +520,9 @@ class _SeedLoop:
       run = run.replace(train=train)
       if pending is not None:  # finished: the call just dispatched depends on it
         stats = self._record(phase, pending, stats, timing)
-      pending = _Chunk(epoch, lrs, metrics, time.time())
+      returned = time.time()
+      finished = all(x.is_ready() for x in jax.tree.leaves(metrics))
+      pending = _Chunk(epoch, lrs, metrics, started, returned - started if finished else None)
       epoch += count
       if epoch < epochs and (self.signals.received is not None or
                              time.time() - self.last_save >= cfg.checkpoint.every_seconds):
