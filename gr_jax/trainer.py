@@ -626,7 +626,7 @@ def run_seed(exp: Experiment, config: ml_collections.ConfigDict, workdir: str,
     checkpointer.close()
   results = _results(exp, run, config, elapsed())
   # Seconds in this process (a resumed run counts since it resumed): compilation inside the loop,
-  # each program compiled ahead of time (in parallel, before training) and where the time went.
+  # each program compiled ahead of time (before training) and where the time went.
   results.update(compile_s=clock.seconds, build_s=exp.build_s,
                  compile_ahead_s=[future.result() for future in exp.compiling.values()],
                  time_split_s=dict(loop.time_split,
