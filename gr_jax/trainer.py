@@ -511,18 +511,17 @@ class _SeedLoop:
       count = min(per_call - epoch % per_call, epochs - epoch)
       lrs = [_learning_rate(cfg.optim, e) for e in range(epoch, epoch + count)]
       fns = exp.incremental_steps if phase else exp.base_steps
-      # Keys and rates placed as the programs compiled ahead of time expect them.
+      keys = _epoch_keys(run.key, phase, epoch, count)  # replicated, as the root key
       started = time.time()
-      train, metrics = fns.train_epochs(
-          run.train, teacher, data, consts,
-          parallel.replicate(_epoch_keys(run.key, phase, epoch, count), exp.mesh),
-          parallel.replicate(jnp.asarray(lrs, jnp.float32), exp.mesh))
+      # The rates placed as the programs compiled ahead of time expect them.
+      train, metrics = fns.train_epochs(run.train, teacher, data, consts, keys,
+                                        to_state(np.asarray(lrs, np.float32)))
+      seconds = (time.time() - started
+                 if all(x.is_ready() for x in jax.tree.leaves(metrics)) else None)
       run = run.replace(train=train)
       if pending is not None:  # finished: the call just dispatched depends on it
         stats = self._record(phase, pending, stats, timing)
-      returned = time.time()
-      finished = all(x.is_ready() for x in jax.tree.leaves(metrics))
-      pending = _Chunk(epoch, lrs, metrics, started, returned - started if finished else None)
+      pending = _Chunk(epoch, lrs, metrics, started, seconds)
       epoch += count
       if epoch < epochs and (self.signals.received is not None or
                              time.time() - self.last_save >= cfg.checkpoint.every_seconds):
