@@ -294,6 +294,36 @@ def test_step_table_is_the_h200_record():
     assert with_buffers == _img_s(buffers[kind]["images_per_s"]), kind
 
 
+def test_protocol_time_tables_are_the_h200_record():
+  record = json.loads((RESULTS / "protocol_time_h200_lfs20_73dba72.json").read_text())
+  runs = {(r["call"], r["run"]): r for r in record["runs"]}
+  _, rows = table("BENCHMARKS.md", "run (`protocol_time_h200_lfs20_73dba72.json`)")
+  cited = [(3, "full_cold"), (1, "full_cold"), (2, "full_warm"), (2, "bf16_cold"), (2, "bf16_warm")]
+  for row, key in zip(rows, cited):
+    run = runs[key]
+    assert row[1].startswith(run["compilation_cache"].split(" ")[0]), row
+    assert (row[2] == f"{run['process_s']:.1f} s" if run["finished"]
+            else row[2].startswith(f"> {run['process_s']:.1f} s")), row
+    if run["finished"]:
+      assert row[3] == f"{run['wall_time_s']:.1f} s", row
+      assert row[4] == f"{run['average_incremental_accuracy']:.2f}", row
+  assert rows[-1][2] == f"≈ {record['reference_code_s']['estimate']:,} s"
+  current = runs[3, "full_cold"]
+  _, parts = table("BENCHMARKS.md", "part")
+  seconds = {row[0].split(" (")[0].split(":")[0]: float(row[1]) for row in parts}
+  split = current["time_split_s"]
+  assert seconds["training calls"] == split["train"]
+  assert seconds["waiting for the two epoch programs to finish compiling"] == split["compile_wait"]
+  assert seconds["phase ends"] == split["phase_end"]
+  assert seconds["checkpoints"] == split["checkpoint"]
+  assert seconds["phase data onto the device"] == split["phase_data"]
+  assert seconds["the rest of the loop"] == split["other"]
+  assert seconds["outside the loop"] == pytest.approx(current["process_s"] - current["wall_time_s"])
+  assert seconds["process"] == current["process_s"]
+  assert sum(v for k, v in seconds.items() if k != "process") == pytest.approx(
+      current["process_s"], abs=0.3)
+
+
 def test_older_step_table_is_the_h100_records():
   _, rows = table("BENCHMARKS.md", "step, H100")
   for label, img_s, cited in rows:
