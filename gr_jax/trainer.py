@@ -126,7 +126,8 @@ def model_and_optimizer(config: ml_collections.ConfigDict,
 
 
 def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
-  """Loads data, plans the phases and builds the jitted programs (compiled on first use)."""
+  """Loads data, plans the phases and builds the jitted programs: the two epoch programs start
+  compiling in the background, the others compile on first use."""
   started = time.time()
   config_lib.validate(config)
   parallel.check_num_devices(config.num_devices)  # before the data is read
@@ -168,7 +169,9 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
   init_run = jax.jit(lambda key: state_lib.create_run_state(
       model, tx, key, shape, plan.num_phases, plan.num_classes, per_class))
   base_steps, incremental_steps = make(False), make(True)
-  kinds = {False: base_steps, True: incremental_steps} if plan.num_phases > 1 else {False: base_steps}
+  kinds = {False: base_steps, True: incremental_steps}
+  if plan.num_phases == 1:
+    del kinds[True]
   count = min(config.epochs_per_call, config.optim.epochs)
   compiling = _compile_ahead(kinds, _abstract_epoch_args(
       init_run, _phase_constants(plan, config, mesh, 0), mesh, capacity, shape, count), count)
@@ -221,7 +224,7 @@ def _compile_ahead(kinds: dict[bool, steps.StepFns], args: tuple,
   pool = concurrent.futures.ThreadPoolExecutor(1, "compile")
   futures = {(incremental, count): pool.submit(compile_, program)
              for incremental, program in lowered.items()}
-  pool.shutdown(wait=False)  # the threads end with their compilation
+  pool.shutdown(wait=False)  # its thread ends with the last compilation
   return futures
 
 
@@ -448,7 +451,8 @@ class _SeedLoop:
     call's steps to the phase's sums."""
     m = jax.tree.map(np.asarray, chunk.metrics)
     now = time.time()
-    seconds = chunk.seconds or now - max(chunk.started, self.last_fetch)
+    seconds = (chunk.seconds if chunk.seconds is not None
+               else now - max(chunk.started, self.last_fetch))
     self.last_fetch = now
     timing["time/train_s"] += seconds
     if not np.all(np.isfinite(m["loss"])):

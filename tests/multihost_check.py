@@ -10,9 +10,9 @@ the caller's ``XLA_FLAGS``, turns on cross-process CPU collectives (gloo) and ru
 ``trainer.run`` on :func:`tiny_run.tiny_config`, cut to one phase of 8 classes, over all devices
 of all processes; the trainer joins the processes itself (``parallel.initialize_distributed``).
 ``--report`` receives what the process saw: its index, the global device count, the run's results,
-the exemplar memory herding chose at each phase end (on features gathered from every process), and
-every file or folder it created in the workdir outside ``checkpoints/`` (a process other than 0
-must create none).
+at each phase end the features herding got (gathered from every process), their dataset indices
+and the exemplars it chose, and every file or folder it created in the workdir outside
+``checkpoints/`` (a process other than 0 must create none).
 """
 
 import argparse
@@ -83,21 +83,23 @@ def main():
   from gr_jax import trainer  # pylint: disable=g-import-not-at-top
   from tiny_run import tiny_config  # pylint: disable=g-import-not-at-top
 
-  memories = []
-  select_memory = trainer._select_memory  # pylint: disable=protected-access
+  from gr_jax import exemplars  # pylint: disable=g-import-not-at-top
+  herding = []  # what herding got (the features gathered from every process) and chose
+  select_exemplars = exemplars.select_exemplars
 
-  def recording_select_memory(*args):
-    memories.append(select_memory(*args))
-    return memories[-1]
+  def recording_select_exemplars(features, labels, ids, *args, **kwargs):
+    chosen = select_exemplars(features, labels, ids, *args, **kwargs)
+    herding.append({"features": features.tolist(), "ids": ids.tolist(), "chosen": chosen.tolist()})
+    return chosen
 
-  trainer._select_memory = recording_select_memory  # pylint: disable=protected-access
+  exemplars.select_exemplars = recording_select_exemplars
   config = tiny_config(args.data, **{"protocol.num_classes": 8, "protocol.nc_first_task": 8,
                                      "protocol.num_tasks": 1})
   with WriteRecorder(args.workdir) as writes:
     results = trainer.run(config, args.workdir)
   report = {"process_index": jax.process_index(), "process_count": jax.process_count(),
             "devices": jax.device_count(), "results": results,
-            "memory": [m.tolist() for m in memories], "workdir_writes": writes.paths}
+            "herding": herding, "workdir_writes": writes.paths}
   with open(args.report, "w") as f:
     json.dump(report, f, default=str)
 

