@@ -495,6 +495,7 @@ class _SeedLoop:
     exp = self.exp
     cfg = exp.config
     epochs, per_call = cfg.optim.epochs, cfg.epochs_per_call
+    fns = exp.incremental_steps if phase else exp.base_steps
     tic = time.time()
     _log_phase_data(exp.plan, phase, cfg.memory.per_class)
     data, consts = phase_data(exp, run, phase), constants(exp, phase)
@@ -514,7 +515,6 @@ class _SeedLoop:
     while epoch < epochs:
       count = min(per_call - epoch % per_call, epochs - epoch)
       lrs = [_learning_rate(cfg.optim, e) for e in range(epoch, epoch + count)]
-      fns = exp.incremental_steps if phase else exp.base_steps
       keys = _epoch_keys(run.key, phase, epoch, count)  # replicated, as the root key
       started = time.time()
       # The rates placed as the programs compiled ahead of time expect them.

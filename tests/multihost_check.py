@@ -80,10 +80,10 @@ def main():
   sys.path[:0] = [REPO, os.path.join(REPO, "tests")]
   import jax  # pylint: disable=g-import-not-at-top
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  from gr_jax import exemplars  # pylint: disable=g-import-not-at-top
   from gr_jax import trainer  # pylint: disable=g-import-not-at-top
   from tiny_run import tiny_config  # pylint: disable=g-import-not-at-top
 
-  from gr_jax import exemplars  # pylint: disable=g-import-not-at-top
   herding = []  # what herding got (the features gathered from every process) and chose
   select_exemplars = exemplars.select_exemplars
 
