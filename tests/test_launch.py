@@ -58,8 +58,8 @@ def _tiny_run_flags(npz):
 
 def test_launch_points_the_compilation_cache_at_the_config_dir(tmp_path):
   """launch/run.py's cache helper: the config's directory (``~`` expanded) unless the environment
-  names one, and nothing for "". A compiled program then lands there (a second run would load it;
-  measured: BENCHMARKS.md). Runs under other ``$XLA_FLAGS`` get a subfolder of their own, so a
+  names one, and nothing for "". Every compiled program then lands there, however quickly it
+  compiled (a second run loads it; measured: BENCHMARKS.md). Runs under other ``$XLA_FLAGS`` get a subfolder of their own, so a
   deterministic-ops run never reads a default run's autotuning results (RESULTS.md)."""
   script = f"""
 import os, sys
@@ -84,8 +84,9 @@ flagged = cache_for("~/xla", two)
 assert os.path.dirname(flagged) == home_xla and flagged != det.replace("/elsewhere", home_xla)
 assert cache_for("~/xla", " ".join(reversed(two.split()))) == flagged  # flag order does not matter
 assert cache_for("~/xla") == home_xla
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)  # JAX's default
 run._use_compilation_cache("~/xla")  # under the caller's flags, as a run gets it
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+assert jax.config.jax_persistent_cache_min_compile_time_secs == 0
 jax.jit(lambda x: jnp.sin(x) @ x.T)(jnp.ones((8, 8))).block_until_ready()
 print(sorted(name for _, _, names in os.walk(home_xla) for name in names))
 """

@@ -294,34 +294,49 @@ def test_step_table_is_the_h200_record():
     assert with_buffers == _img_s(buffers[kind]["images_per_s"]), kind
 
 
-def test_protocol_time_tables_are_the_h200_record():
-  record = json.loads((RESULTS / "protocol_time_h200_lfs20_73dba72.json").read_text())
-  runs = {(r["call"], r["run"]): r for r in record["runs"]}
-  _, rows = table("BENCHMARKS.md", "run (`protocol_time_h200_lfs20_73dba72.json`)")
-  cited = [(3, "full_cold"), (1, "full_cold"), (2, "full_warm"), (2, "bf16_cold"), (2, "bf16_warm")]
-  for row, key in zip(rows, cited):
-    run = runs[key]
-    assert row[1].startswith(run["compilation_cache"].split(" ")[0]), row
-    assert (row[2] == f"{run['process_s']:.1f} s" if run["finished"]
-            else row[2].startswith(f"> {run['process_s']:.1f} s")), row
-    if run["finished"]:
-      assert row[3] == f"{run['wall_time_s']:.1f} s", row
-      assert row[4] == f"{run['average_incremental_accuracy']:.2f}", row
-  assert rows[-1][2] == f"≈ {record['reference_code_s']['estimate']:,} s"
-  current = runs[3, "full_cold"]
-  _, parts = table("BENCHMARKS.md", "part")
-  seconds = {row[0].split(" (")[0].split(":")[0]: float(row[1]) for row in parts}
-  split = current["time_split_s"]
-  assert seconds["training calls"] == split["train"]
-  assert seconds["waiting for the two epoch programs to finish compiling"] == split["compile_wait"]
-  assert seconds["phase ends"] == split["phase_end"]
-  assert seconds["checkpoints"] == split["checkpoint"]
-  assert seconds["phase data onto the device"] == split["phase_data"]
-  assert seconds["the rest of the loop"] == split["other"]
-  assert seconds["outside the loop"] == pytest.approx(current["process_s"] - current["wall_time_s"])
-  assert seconds["process"] == current["process_s"]
-  assert sum(v for k, v in seconds.items() if k != "process") == pytest.approx(
-      current["process_s"], abs=0.3)
+def test_protocol_time_tables_are_the_h200_records():
+  records = {name: json.loads((RESULTS / name).read_text()) for name in
+             ("protocol_time_h200_lfs20_73dba72.json", "protocol_time_h200_a05cc37.json")}
+  cold_fp32 = next(r for r in records["protocol_time_h200_lfs20_73dba72.json"]["runs"]
+                   if (r["call"], r["run"]) == (3, "full_cold"))
+  current = {r["run"]: r for r in records["protocol_time_h200_a05cc37.json"]["runs"]}
+  runs = [cold_fp32] + [current[name] for name in (
+      "full_warm", "bf16_cold", "bf16_warm", "lfh_fp32_cold", "lfh_fp32_warm", "lfh_bf16_cold",
+      "lfh_bf16_warm")]
+  _, rows = table("BENCHMARKS.md", "protocol run")
+  assert len(rows) == len(runs) + 1
+  for row, run in zip(rows, runs):
+    record = records[row[6].strip("`")]
+    assert run in record["runs"], row
+    lfs = run.get("setting", "lfs20") == "lfs20"
+    assert row[0].startswith("LFS 20 × 5" if lfs else "LFH 50 + 5 × 10"), row
+    assert run["dtype"] in row[0], row
+    assert row[1] == run["compilation_cache"].split(" ")[0], row
+    assert row[2] == f"{run['process_s']:.1f} s", row
+    assert row[3] == f"{run['wall_time_s']:.1f} s", row
+    assert row[4] == f"{run['average_incremental_accuracy']:.2f}", row
+    reference = record["reference_code_s"]["estimate"]
+    assert row[5] == (f"{reference / run['process_s']:.1f}×" if lfs else "—"), row
+  assert rows[-1][2] == f"≈ {reference:,} s"
+  header, parts = table("BENCHMARKS.md", "part, seconds")
+  assert len(header) == len(runs) + 1
+  keys = {"training calls": "train", "waiting for the epoch programs to compile": "compile_wait",
+          "phase ends": "phase_end", "checkpoints": "checkpoint",
+          "phase data onto the device": "phase_data", "the rest of the loop": "other"}
+  for row in parts:
+    label = row[0].split(":")[0]
+    for cell, run in zip(row[1:], runs):
+      if label in keys:
+        assert float(cell) == run["time_split_s"][keys[label]], (label, cell)
+      elif label == "outside the loop":
+        assert float(cell) == pytest.approx(run["process_s"] - run["wall_time_s"], abs=0.05)
+      else:
+        assert label == "process" and float(cell) == run["process_s"]
+  for i, run in enumerate(runs):
+    assert sum(float(row[i + 1]) for row in parts[:-1]) == pytest.approx(run["process_s"], abs=0.4)
+  readme = " ".join(_text("README.md").split())  # its wall times are those runs', rounded
+  for run in runs[:2] + [runs[3], runs[4], runs[5]]:
+    assert f"{run['process_s']:.0f} s" in readme, run["run"]
 
 
 def test_older_step_table_is_the_h100_records():
