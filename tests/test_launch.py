@@ -59,8 +59,9 @@ def _tiny_run_flags(npz):
 def test_launch_points_the_compilation_cache_at_the_config_dir(tmp_path):
   """launch/run.py's cache helper: the config's directory (``~`` expanded) unless the environment
   names one, and nothing for "". Every compiled program then lands there, however quickly it
-  compiled (a second run loads it; measured: BENCHMARKS.md). Runs under other ``$XLA_FLAGS`` get a subfolder of their own, so a
-  deterministic-ops run never reads a default run's autotuning results (RESULTS.md)."""
+  compiled (a second run loads it; measured: BENCHMARKS.md). Runs under other ``$XLA_FLAGS`` get a
+  subfolder of their own, so a deterministic-ops run never reads a default run's autotuning
+  results (RESULTS.md)."""
   script = f"""
 import os, sys
 sys.path.insert(0, {str(REPO)!r})
