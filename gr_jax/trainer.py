@@ -76,6 +76,10 @@ class Experiment:
   compiling: dict[tuple[bool, int], concurrent.futures.Future]
   build_s: float  # loading the data, planning, tracing the programs: once, for every seed
 
+  def wait_compiled(self) -> list[float]:
+    """Waits for the epoch programs compiled ahead of time; their compile seconds."""
+    return [future.result() for future in self.compiling.values()]
+
 
 def ceil_div(n: int, d: int) -> int:
   return -(-n // d)
@@ -503,8 +507,7 @@ class _SeedLoop:
     timing = {"time/phase_data_s": time.time() - tic, "time/train_s": 0.0,
               "time/checkpoint_s": 0.0}
     tic = time.time()
-    for compiling in exp.compiling.values():  # none is still compiling once training starts
-      compiling.result()
+    exp.wait_compiled()  # none is still compiling once training starts
     timing["time/compile_wait_s"] = time.time() - tic
     teacher = (run.teacher_params, run.teacher_batch_stats)
     stats = dict(jax.tree.map(np.asarray, run.phase_stats), step=int(run.train.step))
@@ -631,7 +634,7 @@ def run_seed(exp: Experiment, config: ml_collections.ConfigDict, workdir: str,
   # Seconds in this process (a resumed run counts since it resumed): compilation inside the loop,
   # each program compiled ahead of time (before training) and where the time went.
   results.update(compile_s=clock.seconds, build_s=exp.build_s,
-                 compile_ahead_s=[future.result() for future in exp.compiling.values()],
+                 compile_ahead_s=exp.wait_compiled(),
                  time_split_s=dict(loop.time_split,
                                    other=time.time() - started - sum(loop.time_split.values())))
   if lead:

@@ -79,6 +79,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+import compile_events
+
 from gr_jax import checkpoint as ckpt
 from gr_jax import optim
 from gr_jax import parallel
@@ -129,18 +131,12 @@ def train(exp, config, workdir, perturb=False):
   exp = dataclasses.replace(exp, base_steps=recording(exp.base_steps),
                             incremental_steps=recording(exp.incremental_steps),
                             **({"init_run": init_run} if perturb else {}))
-  for compiling in exp.compiling.values():  # the epoch programs compiled ahead of time
-    compiling.result()
-  compiled = []
-  listen = lambda event, duration, fun_name="", **kwargs: compiled.append(fun_name) if (
-      event == "/jax/core/compile/backend_compile_duration") else None
-  jax.monitoring.register_event_duration_secs_listener(listen)
-  try:
+  exp.wait_compiled()  # the epoch programs compiled ahead of time
+  with compile_events.Compilations() as compiled:
     results = trainer.run_seed(exp, config, workdir)
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listen)
-  if exp.compiling and any("train_epochs" in name for name in compiled):
-    raise Mismatch(f"the loop compiled an epoch program that was compiled ahead of time: {compiled}")
+  if exp.compiling and any("train_epochs" in name for name in compiled.names):
+    raise Mismatch("the loop compiled an epoch program that was compiled ahead of time: "
+                   f"{compiled.names}")
   return results, devices
 
 

@@ -6,12 +6,12 @@ import os
 import signal
 
 import jax
-import jax.monitoring
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
+import compile_events
 import gr_jax
 from gr_jax import checkpoint as ckpt
 from gr_jax import diagnostics
@@ -133,32 +133,6 @@ def test_workdir_of_another_config_is_refused(synthetic_npz, uninterrupted):
   assert sorted(os.listdir(workdir / "checkpoints")) == before
 
 
-class _Lowerings:
-  """Names the programs JAX lowers (traces into XLA) while entered: every jit cache miss, whether
-  XLA then compiles the program or loads it from a persistent compilation cache."""
-  event = "/jax/core/compile/jaxpr_to_mlir_module_duration"
-
-  def __init__(self):
-    self.names = []
-
-  def _listen(self, event, duration, **kwargs):
-    del duration
-    if event == self.event:
-      self.names.append(kwargs.get("fun_name"))
-
-  def __enter__(self):
-    jax.monitoring.register_event_duration_secs_listener(self._listen)
-    return self
-
-  def __exit__(self, *exc):
-    jax.monitoring.unregister_event_duration_listener(self._listen)
-
-
-class _Compilations(_Lowerings):
-  """Names the programs XLA compiles (or loads from a persistent compilation cache) while entered."""
-  event = "/jax/core/compile/backend_compile_duration"
-
-
 def test_seeds_run_in_turn_compile_once_and_equal_their_single_seed_runs(
     synthetic_npz, tmp_path, uninterrupted, monkeypatch):
   """``--config.seeds=0,1``: each seed runs as its single-seed run (seed 0: the module's run), the
@@ -167,7 +141,7 @@ def test_seeds_run_in_turn_compile_once_and_equal_their_single_seed_runs(
   run_seed = trainer.run_seed
 
   def counted_run_seed(*args, **kwargs):
-    with _Lowerings() as counter:
+    with compile_events.Lowerings() as counter:
       result = run_seed(*args, **kwargs)
     lowered.append(counter.names)
     return result
@@ -206,9 +180,8 @@ def test_scanned_epoch_programs_compile_ahead_while_the_test_set_loads(synthetic
   config = tiny_config(synthetic_npz, epoch_as_scan="true", epochs_per_call=2)
   exp = trainer.build_experiment(config)
   assert set(exp.compiling) == {(False, 2), (True, 2)}
-  for compiling in exp.compiling.values():
-    compiling.result()
-  with _Compilations() as counter:
+  exp.wait_compiled()
+  with compile_events.Compilations() as counter:
     results = trainer.run_seed(exp, config, str(tmp_path))
   assert not [name for name in counter.names if "train_epochs" in name], counter.names
   assert len(results["compile_ahead_s"]) == 2 and min(results["compile_ahead_s"]) > 0
